@@ -1,0 +1,196 @@
+"""Anchor-to-ground-truth matching on padded ground truth, for one image; vmap it over a batch.
+
+Shapes: `A` anchors, `M` padded ground-truth slots (a validity mask marks the real ones).
+
+Rule (the paper's, and torchvision's / detectron2's `Matcher` with thresholds (0.4, 0.5)): each anchor
+takes the ground-truth box of highest IoU; it is POSITIVE if that IoU >= `positive_threshold`,
+NEGATIVE if < `negative_threshold`, IGNORE in between. Low-quality matches, a mode:
+  * `ties` (torchvision, detectron2 `allow_low_quality_matches=True`): for each box, every anchor whose
+    IoU equals that box's highest IoU over all anchors becomes POSITIVE, matched to the anchor's own
+    best box (not necessarily the box that promoted it). Exactly torchvision's behaviour, including
+    its quirk that a box overlapping no anchor (highest IoU 0) promotes every anchor with IoU 0 to it.
+    Zero-area boxes are dropped by the input pipeline for that reason.
+  * `force` (TF Model Garden / TPU RetinaNet): each valid box's best anchor (lowest index on ties) is
+    made POSITIVE and matched to that box; later boxes win when two boxes pick the same anchor.
+  * `none`: thresholds only.
+
+Crowd boxes (COCO `iscrowd`) never produce positives: matching runs on the non-crowd boxes, then an
+anchor whose best IoU with any crowd box exceeds its best IoU with the non-crowd boxes and reaches
+`negative_threshold` becomes IGNORE. An image with no valid non-crowd box is all NEGATIVE (minus those
+crowd-ignored anchors).
+
+Padded slots (mask False) never match anything. Everything is static-shaped. The `[M, A]` IoU matrix is
+never stored: a `lax.scan` over the M slots sweeps all A anchors per slot (vectorized) keeping running
+maxima (IoU as torchvision's `box_iou`: no +1, 0 for an empty union).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+POSITIVE = 1
+NEGATIVE = 0
+IGNORE = -1
+
+LOW_QUALITY_MODES = ("ties", "force", "none")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MatchResult:
+  """Result of matching (leading batch dims allowed when vmapped).
+
+  Attributes:
+    gt_index: int32 `[A]`, the ground-truth slot matched to each anchor. Meaningful only where
+      `state == POSITIVE`; elsewhere it is the anchor's best slot (0 when the image has no box).
+    state: int32 `[A]`, POSITIVE (1), NEGATIVE (0) or IGNORE (-1).
+    max_iou: float32 `[A]`, the anchor's best IoU with a valid non-crowd box (0 if none).
+  """
+
+  gt_index: jax.Array
+  state: jax.Array
+  max_iou: jax.Array
+
+  def to_torchvision(self):
+    """torchvision `Matcher` encoding: the gt index for positives, -1 below, -2 between thresholds."""
+    return jnp.where(self.state == POSITIVE, self.gt_index,
+                     jnp.where(self.state == NEGATIVE, -1, -2))
+
+
+def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_threshold: float = 0.5,
+                  negative_threshold: float = 0.4, low_quality: str = "ties") -> MatchResult:
+  """Matches `anchors [A, 4]` to padded `gt_boxes [M, 4]` (both `xyxy` pixels) of one image.
+
+  Args:
+    anchors: float `[A, 4]`.
+    gt_boxes: float `[M, 4]`; rows where `gt_mask` is False are ignored whatever they hold.
+    gt_mask: bool `[M]`, True for real boxes.
+    gt_is_crowd: optional bool `[M]`, True for crowd boxes.
+    positive_threshold: IoU at or above which an anchor is POSITIVE (0.5).
+    negative_threshold: IoU below which an anchor is NEGATIVE (0.4); must be <= positive_threshold.
+    low_quality: 'ties', 'force' or 'none' (module docstring).
+
+  Returns:
+    `MatchResult` with `[A]` arrays. Use `jax.vmap(functools.partial(match_anchors, ...),
+    in_axes=(None, 0, 0, 0))` (or `batch_match_anchors`) for `[B, M, ...]` ground truth.
+  """
+  if low_quality not in LOW_QUALITY_MODES:
+    raise ValueError(f"low_quality must be one of {LOW_QUALITY_MODES}, got {low_quality!r}")
+  if negative_threshold > positive_threshold:
+    raise ValueError(f"negative_threshold ({negative_threshold}) must be <= positive_threshold "
+                     f"({positive_threshold})")
+  if anchors.ndim != 2 or anchors.shape[-1] != 4:
+    raise ValueError(f"anchors must be [A, 4], got {tuple(anchors.shape)}")
+  if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4:
+    raise ValueError(f"gt_boxes must be [M, 4], got {tuple(gt_boxes.shape)}")
+  num_gt = gt_boxes.shape[0]
+  if gt_mask.shape != (num_gt,):
+    raise ValueError(f"gt_mask must be [M] = [{num_gt}], got {tuple(gt_mask.shape)}")
+  if gt_is_crowd is not None and gt_is_crowd.shape != (num_gt,):
+    raise ValueError(f"gt_is_crowd must be [M] = [{num_gt}], got {tuple(gt_is_crowd.shape)}")
+  num_anchors = anchors.shape[0]
+  if num_gt == 0:
+    zeros = jnp.zeros((num_anchors,), jnp.int32)
+    return MatchResult(gt_index=zeros, state=zeros + NEGATIVE, max_iou=jnp.zeros((num_anchors,)))
+
+  gt_mask = gt_mask.astype(bool)
+  crowd = jnp.zeros((num_gt,), bool) if gt_is_crowd is None else gt_is_crowd.astype(bool)
+  matchable = gt_mask & ~crowd
+  anchors = anchors.astype(jnp.float32)
+  gt_boxes = gt_boxes.astype(jnp.float32)
+  ax1, ay1, ax2, ay2 = (anchors[:, i] for i in range(4))
+  anchor_area = (ax2 - ax1) * (ay2 - ay1)
+
+  def iou_with(box):  # [A]: IoU of one box with every anchor, bit-identical to pairwise_iou
+    iw = jnp.maximum(jnp.minimum(ax2, box[2]) - jnp.maximum(ax1, box[0]), 0.0)
+    ih = jnp.maximum(jnp.minimum(ay2, box[3]) - jnp.maximum(ay1, box[1]), 0.0)
+    inter = iw * ih
+    union = anchor_area + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+  # A lax.scan over the M slots, each step a vectorized sweep of all A anchors: the running best box
+  # per anchor (strict '>' keeps the first slot on ties, as torch.max), and per box its best IoU and
+  # best anchor. Invalid slots score -1, below any real IoU. For 'ties' the same loop runs a second
+  # lap over the slots, testing each anchor's IoU for equality with the box's best: one loop body,
+  # so both laps compute every IoU with the same instructions and the equality is exact (XLA may
+  # contract multiply-adds into FMAs differently in two separately compiled loops).
+  crowd_slots = gt_mask & crowd
+  laps = 2 if low_quality == "ties" else 1
+
+  def first_lap(carry, quality, iou, slot, ok):
+    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
+    better = quality > best_iou
+    is_crowd_slot = jax.lax.dynamic_index_in_dim(crowd_slots, slot, keepdims=False)
+    if low_quality == "force":
+      best_anchor = best_anchor.at[slot].set(jnp.argmax(quality).astype(jnp.int32))
+    return (jnp.where(better, quality, best_iou), jnp.where(better, slot, best_gt),
+            jnp.maximum(crowd_iou, jnp.where(is_crowd_slot, iou, -1.0)),
+            best_per_gt.at[slot].set(jnp.max(quality)), best_anchor, tied)
+
+  def second_lap(carry, quality, iou, slot, ok):
+    del iou
+    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
+    return (best_iou, best_gt, crowd_iou, best_per_gt, best_anchor,
+            tied | (ok & (quality == best_per_gt[slot])))
+
+  def step(carry, i):
+    slot = i % num_gt
+    box = jax.lax.dynamic_index_in_dim(gt_boxes, slot, keepdims=False)
+    ok = jax.lax.dynamic_index_in_dim(matchable, slot, keepdims=False)
+    iou = iou_with(box)  # computed once per step, before the branch: both laps read the same bits
+    quality = jnp.where(ok, iou, -1.0)
+    return jax.lax.cond(i < num_gt, first_lap, second_lap, carry, quality, iou, slot, ok), None
+
+  # Carries built "like" an IoU row, so that they have its type under shard_map (varying axes).
+  template = jnp.zeros_like(iou_with(gt_boxes[0]))
+  per_gt = jnp.zeros_like(gt_boxes[:, 0])
+  init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt - 1.0,
+          per_gt.astype(jnp.int32), template.astype(bool))
+  (best_iou, gt_index, crowd_iou, _, best_anchor, tied), _ = jax.lax.scan(
+      step, init, jnp.arange(laps * num_gt, dtype=jnp.int32))
+  has_gt = jnp.any(matchable)
+
+  state = jnp.where(best_iou >= positive_threshold, POSITIVE,
+                    jnp.where(best_iou < negative_threshold, NEGATIVE, IGNORE))
+  if low_quality == "ties":
+    state = jnp.where(tied, POSITIVE, state)
+  elif low_quality == "force":
+    target = jnp.where(matchable, best_anchor, num_anchors)  # out of range: dropped
+    gt_index = gt_index.at[target].set(jnp.arange(num_gt, dtype=jnp.int32), mode="drop")
+    forced = jnp.zeros((num_anchors,), bool).at[target].set(True, mode="drop")
+    state = jnp.where(forced, POSITIVE, state)
+
+  state = jnp.where(has_gt, state, NEGATIVE)
+  gt_index = jnp.where(has_gt, gt_index, 0)
+  if gt_is_crowd is not None:
+    near_crowd = (crowd_iou >= negative_threshold) & (crowd_iou > best_iou)
+    state = jnp.where(near_crowd, IGNORE, state)
+  return MatchResult(gt_index=gt_index, state=state.astype(jnp.int32),
+                     max_iou=jnp.where(has_gt, best_iou, 0.0))
+
+
+def batch_match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, **kwargs) -> MatchResult:
+  """`match_anchors` over a batch: `anchors [A, 4]`, `gt_boxes [B, M, 4]`, masks `[B, M]` -> `[B, A]`."""
+  if gt_boxes.ndim != 3:
+    raise ValueError(f"gt_boxes must be [B, M, 4], got {tuple(gt_boxes.shape)}")
+  if gt_is_crowd is None:
+    return jax.vmap(lambda b, m: match_anchors(anchors, b, m, **kwargs))(gt_boxes, gt_mask)
+  return jax.vmap(lambda b, m, c: match_anchors(anchors, b, m, gt_is_crowd=c, **kwargs))(
+      gt_boxes, gt_mask, gt_is_crowd)
+
+
+def classification_targets(match: MatchResult, gt_labels, *, ignore_label: int = -2,
+                           background_label: int = -1):
+  """Integer class target per anchor from a match: `[..., A]` int32.
+
+  `gt_labels [..., M]` holds classes in `0..K-1`. Positives take their box's class, negatives
+  `background_label` (-1) and ignored anchors `ignore_label` (-2): the input of
+  `losses.sigmoid_focal_loss_from_labels`.
+  """
+  labels = jnp.take_along_axis(gt_labels.astype(jnp.int32), match.gt_index, axis=-1)
+  return jnp.where(match.state == POSITIVE, labels,
+                   jnp.where(match.state == NEGATIVE, background_label, ignore_label))

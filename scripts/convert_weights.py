@@ -1,0 +1,55 @@
+"""Convert a torchvision or detectron2 checkpoint into a retinanet_jax checkpoint directory.
+
+    # torchvision COCO RetinaNet v1 / v2 (.pth), keeping the 91 category-id-indexed classes:
+    python scripts/convert_weights.py --source=torchvision_v1 \
+        --input=retinanet_resnet50_fpn_coco-eeacb38b.pth --output=weights/tv_v1
+    # ... or sliced to the 80 contiguous COCO classes (the data pipeline's labels):
+    python scripts/convert_weights.py --source=torchvision_v2 --class_mapping=coco80 \
+        --input=retinanet_resnet50_fpn_v2_coco-5905b1c5.pth --output=weights/tv_v2_coco80
+    # ImageNet backbones for training (config.init_from, config.init_mode='backbone'):
+    python scripts/convert_weights.py --source=torchvision_backbone --backbone=resnet50 \
+        --input=resnet50-0676ba61.pth --output=weights/r50_imagenet
+    python scripts/convert_weights.py --source=msra_backbone --backbone=resnet50 \
+        --input=R-50.pkl --output=weights/r50_msra
+    # detectron2 model zoo (.pkl): R50 / R101 / X101 RetinaNet
+    python scripts/convert_weights.py --source=detectron2 --backbone=resnet101 \
+        --input=model_final_59f53c.pkl --output=weights/d2_r101
+
+The output directory holds the Orbax state and metadata.json (model config, input and anchor
+conventions, label map); see retinanet_jax/weights.py. torch is needed for .pth inputs only.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+from retinanet_jax import weights  # noqa: E402
+from retinanet_jax.models import resnet  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source", None, weights.SOURCES, "Kind of checkpoint (retinanet_jax/weights.py).")
+flags.DEFINE_string("input", None, "The .pth or .pkl file.")
+flags.DEFINE_string("output", None, "Directory to write.")
+flags.DEFINE_enum("backbone", "resnet50", sorted(resnet.ARCHITECTURES), "Backbone architecture.")
+flags.DEFINE_enum("class_mapping", "keep", weights.CLASS_MAPPINGS,
+                  "torchvision detection heads: 'keep' the 91 COCO-id-indexed outputs, or 'coco80'.")
+flags.DEFINE_float("norm_epsilon", None, "Batch-norm epsilon (default: the source's; torchvision v1 "
+                   "COCO weights run with 0.0, everything else with 1e-5).")
+flags.mark_flags_as_required(["source", "input", "output"])
+
+
+def main(argv):
+  del argv
+  overrides = {} if FLAGS.norm_epsilon is None else {"norm_epsilon": FLAGS.norm_epsilon}
+  metadata = weights.convert(FLAGS.input, FLAGS.output, source=FLAGS.source, backbone=FLAGS.backbone,
+                             class_mapping=FLAGS.class_mapping, **overrides)
+  print(json.dumps({k: v for k, v in metadata.items() if k != "label_map"}, indent=2))
+  print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

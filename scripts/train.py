@@ -1,0 +1,94 @@
+"""Train and evaluate RetinaNet.
+
+    python scripts/train.py --config=configs/synthetic.py --workdir=runs/synthetic
+    python scripts/train.py --config=configs/r50_fpn.py --workdir=runs/r50 --config.train.batch_size=8
+
+Several hosts (or several processes on one machine): every process runs the same command plus
+    --coordinator_address=HOST:PORT --num_processes=N --process_id=i
+On SLURM (srun) and Open MPI (mpirun) leave those out: `jax.distributed.initialize()` reads the
+environment, and is called whenever that environment is detected. On Cloud TPU pod slices add
+`--distributed` (the TPU metadata tells JAX the rest). Without an accelerator, processes talk through
+gloo CPU collectives. docs/multihost.md has the recipes and explains how resume works.
+
+Killed runs: rerun the same command; it continues from the last complete checkpoint in --workdir.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from retinanet_jax import xla_flags  # noqa: E402  (imports no JAX)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs, metrics and pictures go here.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (TPU pod slices, SLURM, "
+                  "Open MPI: it reads the environment). Default: when --coordinator_address is "
+                  "given or a SLURM/Open MPI/TPU-pod environment is detected.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def cluster_environment() -> str | None:
+  """The launcher whose environment `jax.distributed.initialize()` reads by itself, if any."""
+  env = os.environ
+  if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                            "SLURM_LOCALID")):  # inside srun (not just an salloc shell)
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env:
+    return "openmpi"
+  if "TPU_WORKER_HOSTNAMES" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+    return "tpu"
+  return None
+
+
+def initialize_distributed() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  explicit = FLAGS.coordinator_address is not None
+  if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
+    raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+  wanted = FLAGS.distributed if FLAGS.distributed is not None else (
+      explicit or cluster_environment() is not None)
+  if not wanted:
+    return
+  # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                  process_id=FLAGS.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("Process %d of %d, %d local devices of %d", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  xla_flags.apply_xla_flags(config.get("xla_flags_cpu", ""))  # a flag already in $XLA_FLAGS wins
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: keep TensorFlow off the accelerators
+  initialize_distributed()
+  cache_dir = xla_flags.compilation_cache_dir(config.get("compilation_cache_dir", ""),
+                                            workdir=FLAGS.workdir)
+  if cache_dir:
+    xla_flags.enable_compilation_cache(cache_dir)
+    logging.info("Persistent compilation cache: %s", cache_dir)
+  from retinanet_jax import train  # pylint: disable=import-outside-toplevel
+  logging.info("Config:\n%s", config)
+  summary = train.train_and_evaluate(config, FLAGS.workdir)
+  logging.info("Done: %s", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

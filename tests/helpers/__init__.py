@@ -1,0 +1,1 @@
+"""Helpers shared by the subprocess tests (multi-host, kill and resume)."""

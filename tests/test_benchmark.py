@@ -1,0 +1,165 @@
+"""scripts/benchmark.py: every suite runs (--quick) and fills every row; the XLA-flag helpers and the
+per-operation profile on a small program."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retinanet_jax import profiling, xla_flags
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+EXPECTED_ROWS = (
+    ("machine", "float32 matmul"),
+    ("core", "focal loss"), ("core", "matching"), ("core", "post-processing"),
+    ("model", "inference 96x96: first call"), ("model", "inference 96x96 (padded"),
+    ("model", "inference 96x150: first call"), ("model", "inference 96x150 (padded"),
+    ("train", "first step (ours"), ("train", "normalize + network + matching"),
+    ("train", "empty persistent cache"), ("train", "persistent cache filled"),
+    ("input", "input pipeline LSJ"), ("input", "input pipeline resize"),
+    ("accelerator", "training step bfloat16 96x96 at the largest batch"),
+    ("accelerator", "batch 1 (latency)"), ("accelerator", "batch 4 (throughput)"),
+)
+
+
+def _number(cell: str) -> float:
+  return float(cell.strip().rstrip("x%"))
+
+
+@pytest.fixture(scope="module")
+def quick_table(tmp_path_factory):
+  """The table printed by `benchmark.py --suite=all --quick`, as {(suite, case): cells}."""
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--suite=all", "--quick",
+       f"--data_dir={tmp_path_factory.mktemp('data')}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-5000:]
+  rows = {}
+  for line in out.stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 9 and cells[0] in {suite for suite, _ in EXPECTED_ROWS}:
+      rows[(cells[0], cells[1])] = cells
+  return rows
+
+
+def test_quick_run_has_every_row_with_positive_times(quick_table):
+  for suite, prefix in EXPECTED_ROWS:
+    found = [cells for (s, case), cells in quick_table.items() if s == suite and prefix in case]
+    assert found, f"no {suite} row containing {prefix!r} in {sorted(quick_table)}"
+    for cells in found:
+      ours, peer, ratio = _number(cells[2]), _number(cells[3]), _number(cells[4])
+      assert ours > 0 and peer > 0 and ratio > 0, cells
+      if cells[5]:
+        assert _number(cells[5]) > 0, cells
+
+
+def test_compiled_rows_report_flop_rates(quick_table):
+  for (suite, case), cells in quick_table.items():
+    if suite in ("machine", "model", "train") and ("batch 1:" in case or "matmul" in case
+                                                   or "normalize + network + matching" in case):
+      ours_rate, peer_rate = (float(x) for x in cells[6].split("/"))
+      assert ours_rate > 0 and peer_rate > 0 and _number(cells[7]) > 0, cells
+
+
+def test_accelerator_rows_report_model_flop_utilization(quick_table):
+  train = [c for (s, case), c in quick_table.items() if s == "accelerator" and "training" in case]
+  assert len(train) == 1
+  ours, peer = (float(x) for x in re.search(r"utilization ([\d.]+)% vs ([\d.]+)%", train[0][8]).groups())
+  assert ours > 0 and peer > 0
+  # Time per image: the ratio is the images/s ratio, whatever batch each side fits.
+  rate_ours, rate_peer = (float(x) for x in re.search(r"([\d.]+) vs ([\d.]+) images/s", train[0][8]).groups())
+  np.testing.assert_allclose(_number(train[0][4]), rate_ours / rate_peer, rtol=0.05)
+
+
+def test_persistent_cache_is_hit_by_the_second_process(quick_table):
+  cold = [c for (s, case), c in quick_table.items() if "empty persistent cache" in case][0]
+  warm = [c for (s, case), c in quick_table.items() if "persistent cache filled" in case][0]
+  compile_s = lambda cells: float(re.search(r"compile ([\d.]+) s", cells[8]).group(1))
+  assert compile_s(warm) < compile_s(cold)
+  assert "cache 0 entries" not in cold[8]
+
+
+def test_merge_flags_keeps_the_users_value_and_drops_deprecated_flags():
+  merged = xla_flags.merge_flags("--xla_cpu_enable_fast_math=true --xla_foo=1",
+                                 ["--xla_cpu_enable_fast_math=false", "--xla_bar=2",
+                                  "--xla_cpu_use_thunk_runtime=false"])
+  assert merged == "--xla_cpu_enable_fast_math=true --xla_foo=1 --xla_bar=2"
+  assert xla_flags.merge_flags("", "--a=1 --b") == "--a=1 --b"
+  assert xla_flags.merge_flags("--a=1", []) == "--a=1"
+
+
+def test_apply_xla_flags_on_a_given_environment():
+  env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  value = xla_flags.apply_xla_flags(xla_flags.CPU_FLAGS, environ=env)
+  assert env["XLA_FLAGS"] == value
+  assert value.startswith("--xla_dump_to=/tmp/x")
+  for flag in xla_flags.CPU_FLAGS:
+    assert flag in value
+
+
+def test_cpu_flags_are_accepted_by_xla():
+  # An unknown flag aborts the process when the backend starts; a known one runs.
+  code = "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"
+  env = dict(os.environ, XLA_FLAGS=" ".join(xla_flags.CPU_FLAGS), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-2000:]
+  assert "no longer supported" not in out.stderr
+
+
+def test_op_profile_classifies_a_convolution_step():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 8)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 8, 16)), jnp.float32)
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jax.nn.relu(y) ** 2)
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(w, x).compile()
+  profile = profiling.op_profile(lambda: jax.block_until_ready(compiled(w, x)), compiled, repeats=1)
+  info = profiling.classify_instructions(compiled.as_text())
+  conv_flops = {cat: sum(f for c, f in info.values() if c == cat)
+                for cat in ("convolution forward", "convolution input-gradient",
+                            "convolution weight-gradient")}
+  forward = 2 * 2 * 16 * 16 * 16 * 9 * 8
+  assert conv_flops["convolution forward"] == forward
+  assert conv_flops["convolution weight-gradient"] == forward
+  assert profile.per_op and profile.total_seconds > 0
+  table = profiling.format_profile(profile, matmul_flops_per_second=1e10)
+  assert "convolution forward" in table
+  assert profiling.compiled_flops(compiled) > 0
+
+
+def _benchmark_module():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("benchmark_script",
+                                                os.path.join(ROOT, "scripts", "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+  spec.loader.exec_module(sys.modules[spec.name])
+  return sys.modules[spec.name]
+
+
+def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
+  bench = _benchmark_module()
+  tried = []
+
+  def measure(batch):
+    tried.append(batch)
+    if batch >= 32:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB")
+    return batch * 10
+
+  assert bench.largest_fitting(measure, (8, 16, 32, 64)) == (16, 160)
+  assert tried == [8, 16, 32]
+  assert bench.is_out_of_memory(type("OutOfMemoryError", (Exception,), {})("CUDA out of memory"))
+  with pytest.raises(RuntimeError, match="no batch size"):
+    bench.largest_fitting(measure, (32, 64))
+  with pytest.raises(ValueError, match="bad shape"):
+    bench.largest_fitting(lambda b: (_ for _ in ()).throw(ValueError("bad shape")), (8,))

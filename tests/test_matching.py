@@ -1,0 +1,154 @@
+"""matching.py against torchvision's Matcher and a hand-computed golden case, under jax.jit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import _utils as tv_det_utils
+
+from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import matching
+
+# The golden case, by hand. IoU (anchors x gt):
+#         G0    G1    G2
+#   A0 [ 1,    0,    0   ]
+#   A1 [ 1/3,  1/3,  0   ]
+#   A2 [ 0,    0,    0.5 ]
+#   A3 [ 0,    0,    0   ]
+ANCHORS = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [100, 100, 110, 110]], np.float32)
+GT = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [20, 20, 30, 40]], np.float32)
+MASK = np.ones(3, bool)
+
+
+def jit_match(**kwargs):
+  return jax.jit(functools.partial(matching.match_anchors, **kwargs))
+
+
+def torchvision_matches(anchors, gt, *, low_quality=True, thresholds=(0.5, 0.4)):
+  matcher = tv_det_utils.Matcher(thresholds[0], thresholds[1], allow_low_quality_matches=low_quality)
+  if gt.shape[0] == 0:
+    return np.full(anchors.shape[0], -1)
+  return matcher(torchvision.ops.box_iou(torch.from_numpy(gt), torch.from_numpy(np.array(anchors)))).numpy()
+
+
+def test_golden_ties():
+  r = jit_match()(ANCHORS, GT, MASK)
+  # A1 is promoted by G1 (its best anchor) but matched to its own best box, G0 (first on the tie).
+  np.testing.assert_array_equal(r.state, [1, 1, 1, 0])
+  np.testing.assert_array_equal(r.to_torchvision(), [0, 0, 2, -1])
+  np.testing.assert_array_equal(r.to_torchvision(), torchvision_matches(ANCHORS, GT))
+
+
+def test_golden_force_and_none():
+  forced = jit_match(low_quality="force")(ANCHORS, GT, MASK)
+  np.testing.assert_array_equal(forced.to_torchvision(), [0, 1, 2, -1])  # A1 goes to G1, its picker
+  none = jit_match(low_quality="none")(ANCHORS, GT, MASK)
+  np.testing.assert_array_equal(none.to_torchvision(), [0, -1, 2, -1])
+  between = jit_match(low_quality="none", negative_threshold=0.3)(ANCHORS, GT, MASK)
+  np.testing.assert_array_equal(between.state, [1, -1, 1, 0])
+  np.testing.assert_array_equal(
+      between.to_torchvision(),
+      torchvision_matches(ANCHORS, GT, low_quality=False, thresholds=(0.5, 0.3)))
+
+
+def test_golden_crowd_and_padding():
+  crowd = np.array([False, False, True])
+  r = jit_match()(ANCHORS, GT, MASK, gt_is_crowd=crowd)
+  np.testing.assert_array_equal(r.state, [1, 1, -1, 0])  # A2's best box is the crowd box: ignored
+  # A padded slot never matches, whatever its coordinates.
+  padded = jit_match()(ANCHORS, GT, np.array([True, True, False]))
+  np.testing.assert_array_equal(padded.to_torchvision(), [0, 0, -1, -1])
+
+
+def test_empty_ground_truth_is_all_negative():
+  r = jit_match()(ANCHORS, GT, np.zeros(3, bool))
+  np.testing.assert_array_equal(r.state, [0, 0, 0, 0])
+  r0 = jit_match()(ANCHORS, np.zeros((0, 4), np.float32), np.zeros(0, bool))
+  np.testing.assert_array_equal(r0.state, [0, 0, 0, 0])
+  only_crowd = jit_match()(ANCHORS, GT, MASK, gt_is_crowd=np.ones(3, bool))
+  # A0 (IoU 1) and A2 (0.5) are near a crowd box; A1 (1/3 < 0.4) and A3 stay negative.
+  np.testing.assert_array_equal(only_crowd.state, [-1, 0, -1, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_equals_torchvision(seed):
+  rng = np.random.default_rng(seed)
+  anchors = anchor_lib.generate_anchors((96, 128)).boxes
+  num_valid, num_slots = 7, 12
+  xy = rng.uniform(0, 100, (num_valid, 2))
+  wh = rng.uniform(4, 60, (num_valid, 2))
+  gt = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+  gt[0] = anchors[500]  # an exact match, IoU 1
+  gt[1] = np.round(gt[1])  # integer coordinates: exact ties among anchors
+  # Valid boxes scattered among padded slots holding garbage.
+  slots = np.sort(rng.choice(num_slots, num_valid, replace=False))
+  padded = rng.uniform(0, 100, (num_slots, 4)).astype(np.float32)
+  padded[slots] = gt
+  mask = np.zeros(num_slots, bool)
+  mask[slots] = True
+  for mode, tv_low in (("ties", True), ("none", False)):
+    r = jit_match(low_quality=mode)(anchors, padded, mask)
+    ours = np.asarray(r.to_torchvision())
+    ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)  # slot -> valid-box index
+    np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt, low_quality=tv_low))
+
+
+def test_zero_area_box_quirk_matches_torchvision():
+  anchors = anchor_lib.generate_anchors((64, 64)).boxes
+  gt = np.array([[10, 10, 10, 30], [5, 5, 40, 40]], np.float32)  # first box has zero width
+  r = jit_match()(anchors, gt, np.ones(2, bool))
+  np.testing.assert_array_equal(r.to_torchvision(), torchvision_matches(anchors, gt))
+
+
+def test_batched_vmap_equals_per_image():
+  rng = np.random.default_rng(3)
+  anchors = anchor_lib.generate_anchors((64, 64)).boxes
+  xy = rng.uniform(0, 50, (2, 5, 2))
+  gt = np.concatenate([xy, xy + rng.uniform(5, 30, (2, 5, 2))], -1).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  crowd = np.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], bool)
+  batched = jax.jit(matching.batch_match_anchors)(anchors, gt, mask, gt_is_crowd=crowd)
+  assert batched.state.shape == (2, anchors.shape[0])
+  for i in range(2):
+    single = matching.match_anchors(anchors, gt[i], mask[i], gt_is_crowd=crowd[i])
+    np.testing.assert_array_equal(batched.state[i], single.state)
+    np.testing.assert_array_equal(batched.gt_index[i], single.gt_index)
+
+
+def test_classification_targets():
+  r = jit_match()(ANCHORS, GT, MASK, gt_is_crowd=np.array([False, False, True]))
+  labels = jax.jit(matching.classification_targets)(r, jnp.array([7, 3, 5]))
+  np.testing.assert_array_equal(labels, [7, 7, -2, -1])
+
+
+def test_bad_input_raises():
+  with pytest.raises(ValueError, match="low_quality"):
+    matching.match_anchors(ANCHORS, GT, MASK, low_quality="always")
+  with pytest.raises(ValueError, match=r"gt_boxes must be \[M, 4\]"):
+    matching.match_anchors(ANCHORS, GT[None], MASK)
+  with pytest.raises(ValueError, match=r"gt_mask must be \[M\]"):
+    matching.match_anchors(ANCHORS, GT, MASK[:2])
+  with pytest.raises(ValueError, match="negative_threshold"):
+    matching.match_anchors(ANCHORS, GT, MASK, negative_threshold=0.6)
+
+
+def test_same_matches_under_shard_map_on_part_of_the_devices():
+  # A program compiled for 2 of the 4 devices once disagreed on a tie with the plain one (two loops
+  # computing one IoU with different FMA contraction); the single-loop design makes them agree.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(8)
+  anchors = anchor_lib.generate_anchors((96, 128)).boxes
+  xy = rng.uniform(0, 80, (4, 6, 2))
+  gt = np.concatenate([xy, xy + rng.uniform(8, 60, (4, 6, 2))], -1).astype(np.float32)
+  mask = rng.uniform(size=(4, 6)) < 0.8
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  f = lambda g, m: matching.batch_match_anchors(anchors, g, m)
+  sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"),) * 2, out_specs=P("data")))(
+      *[jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (gt, mask)])
+  plain = jax.jit(f)(gt, mask)
+  np.testing.assert_array_equal(jax.device_get(sharded.state), plain.state)
+  np.testing.assert_array_equal(jax.device_get(sharded.gt_index), plain.gt_index)

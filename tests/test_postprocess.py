@@ -1,0 +1,148 @@
+"""postprocess.py against torchvision's RetinaNet.postprocess_detections and batched_nms, under jit."""
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection.retinanet import RetinaNet
+
+from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import postprocess
+
+
+def torchvision_postprocess(logits, deltas, anchor_set, image_hw, **overrides):
+  fake = types.SimpleNamespace(score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5,
+                               detections_per_img=100,
+                               box_coder=tv_det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)))
+  vars(fake).update(overrides)
+  counts = list(anchor_set.level_counts)
+  head = {"cls_logits": list(torch.from_numpy(logits).split(counts, dim=1)),
+          "bbox_regression": list(torch.from_numpy(deltas).split(counts, dim=1))}
+  anchors = torch.from_numpy(np.array(anchor_set.boxes))
+  per_image = [list(anchors.split(counts)) for _ in range(logits.shape[0])]
+  return RetinaNet.postprocess_detections(fake, head, per_image, [tuple(hw) for hw in image_hw])
+
+
+def random_heads(seed, batch, num_anchors, num_classes):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(-5, 1.5, (batch, num_anchors, num_classes)).astype(np.float32)
+  deltas = rng.normal(0, 0.5, (batch, num_anchors, 4)).astype(np.float32)
+  return logits, deltas
+
+
+@pytest.mark.parametrize("seed,image,num_classes", [(0, (256, 320), 10), (1, (200, 264), 3)])
+def test_matches_torchvision_postprocess(seed, image, num_classes):
+  anchor_set = anchor_lib.generate_anchors(image)
+  logits, deltas = random_heads(seed, 2, anchor_set.num_anchors, num_classes)
+  image_hw = np.array([[image[0], image[1]], [image[0] - 40, image[1] - 17]], np.int32)
+  fn = jax.jit(functools.partial(postprocess.postprocess_detections, anchors=anchor_set))
+  ours = fn(logits, deltas, image_hw=image_hw)
+  ref = torchvision_postprocess(logits, deltas, anchor_set, image_hw)
+  for i, det in enumerate(ref):
+    n = det["boxes"].shape[0]
+    assert n > 10, "the test must exercise NMS with real detections"
+    assert int(ours.valid[i].sum()) == n
+    np.testing.assert_array_equal(ours.classes[i, :n], det["labels"].numpy())
+    np.testing.assert_allclose(ours.boxes[i, :n], det["boxes"].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours.scores[i, :n], det["scores"].numpy(), rtol=1e-6)
+    assert not np.any(ours.valid[i, n:]) and np.all(ours.classes[i, n:] == -1)
+    assert np.all(np.diff(ours.scores[i, :n]) <= 0)
+
+
+def test_matches_torchvision_with_other_settings():
+  anchor_set = anchor_lib.generate_anchors((128, 128))
+  logits, deltas = random_heads(2, 1, anchor_set.num_anchors, 4)
+  hw = np.array([[128, 128]], np.int32)
+  ours = jax.jit(functools.partial(postprocess.postprocess_detections, anchors=anchor_set,
+                                   score_threshold=0.2, topk_candidates=50, nms_threshold=0.3,
+                                   max_detections=20))(logits, deltas, image_hw=hw)
+  ref = torchvision_postprocess(logits, deltas, anchor_set, hw, score_thresh=0.2, topk_candidates=50,
+                                nms_thresh=0.3, detections_per_img=20)[0]
+  n = ref["boxes"].shape[0]
+  assert n == int(ours.valid[0].sum()) == 20
+  np.testing.assert_array_equal(ours.classes[0, :n], ref["labels"].numpy())
+  np.testing.assert_allclose(ours.boxes[0, :n], ref["boxes"].numpy(), atol=1e-3)
+
+
+def test_top_k_pairs_concentrated_in_few_anchors_match_torchvision():
+  # The two-stage candidate search (best anchors by their maximum logit, then the best pairs of those
+  # anchors) where it matters: a few anchors per level hold many of the level's best pairs, other
+  # anchors have one high class each, and many pairs sit just around the score threshold.
+  anchor_set = anchor_lib.generate_anchors((128, 160))
+  rng = np.random.default_rng(7)
+  num_classes = 6
+  logits = rng.normal(-4, 1.0, (2, anchor_set.num_anchors, num_classes)).astype(np.float32)
+  for start, stop in zip(anchor_set.level_offsets[:-1], anchor_set.level_offsets[1:]):
+    hot = rng.choice(np.arange(start, stop), size=min(3, stop - start), replace=False)
+    logits[:, hot, :] = rng.uniform(1.0, 4.0, (2, hot.size, num_classes))
+    single = rng.choice(np.arange(start, stop), size=min(5, stop - start), replace=False)
+    logits[:, single, rng.integers(0, num_classes)] = rng.uniform(0.5, 3.0, (2, single.size))
+  threshold_logit = np.log(0.05 / 0.95)
+  logits[:, ::7, 1] = threshold_logit + rng.uniform(-1e-3, 1e-3, logits[:, ::7, 1].shape)
+  deltas = rng.normal(0, 0.3, (2, anchor_set.num_anchors, 4)).astype(np.float32)
+  hw = np.array([[128, 160], [100, 150]], np.int32)
+  for topk in (4, 20):
+    ours = jax.jit(functools.partial(postprocess.postprocess_detections, anchors=anchor_set,
+                                     topk_candidates=topk, nms_threshold=0.7))(
+        logits, deltas, image_hw=hw)
+    ref = torchvision_postprocess(logits, deltas, anchor_set, hw, topk_candidates=topk,
+                                  nms_thresh=0.7)
+    for i, det in enumerate(ref):
+      n = det["boxes"].shape[0]
+      assert n >= 10 and int(ours.valid[i].sum()) == n
+      np.testing.assert_array_equal(ours.classes[i, :n], det["labels"].numpy())
+      np.testing.assert_allclose(ours.scores[i, :n], det["scores"].numpy(), rtol=1e-6)
+      np.testing.assert_allclose(ours.boxes[i, :n], det["boxes"].numpy(), atol=1e-3, rtol=0)
+
+
+def test_class_wise_nms_matches_batched_nms():
+  rng = np.random.default_rng(3)
+  xy = rng.uniform(0, 100, (300, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (300, 2))], 1).astype(np.float32)
+  scores = rng.uniform(size=300).astype(np.float32)
+  classes = rng.integers(0, 3, 300).astype(np.int32)
+  index, valid = jax.jit(functools.partial(postprocess.class_wise_nms, iou_threshold=0.5,
+                                           max_detections=300))(boxes, scores, classes)
+  ref = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                    torch.from_numpy(classes), 0.5).numpy()
+  assert int(valid.sum()) == ref.shape[0]
+  np.testing.assert_array_equal(np.asarray(index)[np.asarray(valid)], ref)
+
+
+def test_golden_nms():
+  # Two same-class boxes with IoU 0.81 (one survives), one of another class on top (kept),
+  # a candidate below the score threshold (never kept).
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+  scores = np.array([0.9, 0.8, 0.7, -np.inf], np.float32)
+  classes = np.array([1, 1, 2, 1], np.int32)
+  index, valid = jax.jit(functools.partial(postprocess.class_wise_nms, iou_threshold=0.5,
+                                           max_detections=4))(boxes, scores, classes)
+  np.testing.assert_array_equal(valid, [True, True, False, False])
+  np.testing.assert_array_equal(np.asarray(index)[:2], [0, 2])
+
+
+def test_no_detections_above_threshold():
+  anchor_set = anchor_lib.generate_anchors((64, 64))
+  logits = np.full((1, anchor_set.num_anchors, 2), -20.0, np.float32)
+  deltas = np.zeros((1, anchor_set.num_anchors, 4), np.float32)
+  det = jax.jit(functools.partial(postprocess.postprocess_detections, anchors=anchor_set))(
+      logits, deltas, image_hw=np.array([[64, 64]]))
+  assert not np.any(det.valid) and np.all(det.scores == 0) and np.all(np.isfinite(det.boxes))
+
+
+def test_bad_input_raises():
+  anchor_set = anchor_lib.generate_anchors((64, 64))
+  logits = jnp.zeros((1, anchor_set.num_anchors + 1, 2))
+  with pytest.raises(ValueError, match="anchors"):
+    postprocess.postprocess_detections(logits, jnp.zeros((1, anchor_set.num_anchors + 1, 4)),
+                                       anchors=anchor_set, image_hw=jnp.array([[64, 64]]))
+  logits = jnp.zeros((1, anchor_set.num_anchors, 2))
+  with pytest.raises(ValueError, match=r"image_hw must be \[B, 2\]"):
+    postprocess.postprocess_detections(logits, jnp.zeros((1, anchor_set.num_anchors, 4)),
+                                       anchors=anchor_set, image_hw=jnp.array([64, 64]))
