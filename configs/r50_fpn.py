@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=1000,
       warmup_factor=0.001,
       grad_clip_norm=0.0,       # 0: off
+      grad_reduction="psum",    # 'ordered': sum in device order on any layout (collectives.py)
       log_every=20,
       check_finite_every=1,     # host check of the non-finite guard (a device sync)
       checkpoint_every=5000,

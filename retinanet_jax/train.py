@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import collectives
 from retinanet_jax import evaluation
 from retinanet_jax import losses
 from retinanet_jax import postprocess
@@ -180,7 +181,8 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
   """One optimizer step on this device's share of the batch. Must run under a `'data'` axis.
 
   Matching and loss run on device; the loss normalizer is the positive-anchor count summed over all
-  devices (or its EMA); gradients are averaged with `lax.pmean`. Metrics are global means/sums.
+  devices (or its EMA); gradients are averaged over devices with `collectives.mean` (`lax.pmean`, or
+  in device order with `train.grad_reduction="ordered"`). Metrics are global means/sums.
   """
   loss_cfg = config.loss
 
@@ -203,7 +205,7 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
     return out.loss, (out, new_rest)
 
   (_, (out, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest)
-  grads = jax.lax.pmean(grads, DATA_AXIS)
+  grads = collectives.mean(grads, DATA_AXIS, mode=config.train.get("grad_reduction", "psum"))
   loss = jax.lax.pmean(out.loss, DATA_AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -230,6 +232,9 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
 
 def compile_train_step(graphdef, tx, anchors, config, mesh, schedule):
   """`jit(shard_map(train_step))`: state replicated, batch sharded over 'data', state donated."""
+  reduction = config.train.get("grad_reduction", "psum")
+  if reduction not in collectives.MODES:
+    raise ValueError(f"train.grad_reduction must be one of {collectives.MODES}, got {reduction!r}")
   step = functools.partial(train_step, graphdef, tx=tx, anchors=anchors, config=config,
                            schedule=schedule)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
@@ -320,10 +325,28 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int):
     self.directory = os.path.join(workdir, "checkpoints")
     self.input_directory = os.path.join(workdir, "input_state")
+    self._remove_unfinished_saves()
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+            max_to_keep=keep, create=True, cleanup_tmp_directories=False))
     self._remove_input_states(keep_below=None)
+
+  def _remove_unfinished_saves(self) -> None:
+    """Process 0 deletes Orbax's temporary folders of saves that never committed; all hosts wait.
+
+    Done here, before anything else runs, rather than by Orbax's `cleanup_tmp_directories`, which
+    deletes them in a background thread that nothing waits for: its listing of the folder then
+    overlapped whatever the main thread did next (in tests, TFDS's mocked file system, which is
+    process-wide, made that listing fail at random).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() == 0 and tf.io.gfile.isdir(self.directory):
+      for tmp in ocp.utils.tmp_checkpoints(self.directory):
+        # orbax-checkpoint 0.12 returns TemporaryPath objects; its older alias returned names.
+        path = tmp.get() if hasattr(tmp, "get") else os.path.join(self.directory, tmp)
+        tf.io.gfile.rmtree(os.fspath(path))
+    multihost_utils.sync_global_devices("checkpoints_unfinished_saves_removed")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

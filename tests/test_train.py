@@ -71,7 +71,9 @@ def test_step_on_four_devices_equals_one_device():
   rng = np.random.default_rng(0)
   batches = [random_batch(rng, 8, SIZE) for _ in range(2)]
   results = []
-  for devices in (jax.devices()[:1], jax.devices()[:4]):
+  for devices, reduction in ((jax.devices()[:1], "psum"), (jax.devices()[:4], "psum"),
+                             (jax.devices()[:4], "ordered")):
+    config.train.grad_reduction = reduction
     mesh = train.make_mesh(devices)
     tx = train.make_optimizer(config.train)
     graphdef, state = train.initial_state(train.create_model(config, seed=0), tx, config)
@@ -83,10 +85,19 @@ def test_step_on_four_devices_equals_one_device():
       state, metrics = step(state, jax.device_put(b, NamedSharding(mesh, P("data"))))
       losses.append(float(metrics["loss"]))
     results.append((losses, jax.device_get(state.params), jax.device_get(state.rest)))
-  (l1, p1, r1), (l4, p4, r4) = results
-  np.testing.assert_allclose(l4, l1, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(p4) + jax.tree.leaves(r4), jax.tree.leaves(p1) + jax.tree.leaves(r1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  (l1, p1, r1) = results[0]
+  for l4, p4, r4 in results[1:]:
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p4) + jax.tree.leaves(r4),
+                    jax.tree.leaves(p1) + jax.tree.leaves(r1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_grad_reduction_is_named():
+  config = tiny(synthetic.get_config())
+  config.train.grad_reduction = "tree"
+  with pytest.raises(ValueError, match="train.grad_reduction must be one of"):
+    train.compile_train_step(None, None, None, config, None, None)
 
 
 def _mock_coco_records():
@@ -132,6 +143,20 @@ def test_one_step_on_mock_coco(tmp_path):
   assert all(np.isfinite(v) for v in summary["metrics"].values())
   assert os.path.isfile(tmp_path / "run" / "eval_1.json")
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_checkpoints_start_by_removing_unfinished_saves(tmp_path):
+  """A killed save leaves Orbax's temporary folder; it is deleted (synchronously) before the
+  manager exists, and the committed checkpoint before it is the latest."""
+  directory = tmp_path / "checkpoints"
+  with ocp.CheckpointManager(directory) as manager:
+    manager.save(2, args=ocp.args.StandardSave({"w": np.arange(3.0)}))
+  unfinished = directory / "3.orbax-checkpoint-tmp-1795436005123456"
+  unfinished.mkdir()
+  (unfinished / "partial").write_text("cut off")
+  checkpoints = train.Checkpoints(str(tmp_path), keep=2)
+  assert sorted(os.listdir(directory)) == ["2"]
+  assert checkpoints.latest_step() == 2
 
 
 def test_short_synthetic_run_learns(tmp_path):
