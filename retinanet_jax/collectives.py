@@ -24,8 +24,6 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 MODES = ("psum", "ordered")
-# Meshes up to this size add with an unrolled chain; larger ones with a scan (same order).
-CHAIN_MAX_DEVICES = 32
 
 
 def ordered_sum(tree, axis_name: str):
@@ -39,22 +37,16 @@ def ordered_sum(tree, axis_name: str):
     The same pytree, every leaf the sum over devices; bitwise the same on every device and for any
     split of the axis' devices over processes.
   """
-  flat, unravel = ravel_pytree(tree)
   n = jax.lax.axis_size(axis_name)
   if n == 1:
     return tree
+  flat, unravel = ravel_pytree(tree)
   size = flat.shape[0]
   chunks = jnp.pad(flat, (0, (-size) % n)).reshape(n, -1)
   # Row i of `received` is this device's chunk as device i holds it.
   received = jax.lax.all_to_all(chunks, axis_name, split_axis=0, concat_axis=0, tiled=False)
-  # Left to right, 0 + 1 + ... + n-1: an explicit chain (one fused pass) on small meshes, a scan on
-  # large ones; never a reduction whose tree XLA would choose.
-  if n <= CHAIN_MAX_DEVICES:
-    total = received[0]
-    for i in range(1, n):
-      total = total + received[i]
-  else:
-    total, _ = jax.lax.scan(lambda acc, row: (acc + row, None), received[0], received[1:])
+  # A scan adds the rows left to right, 0 + 1 + ... + n-1: never a reduction tree XLA would choose.
+  total, _ = jax.lax.scan(lambda acc, row: (acc + row, None), received[0], received[1:])
   return unravel(jax.lax.all_gather(total, axis_name, tiled=True)[:size])
 
 

@@ -342,10 +342,8 @@ class Checkpoints:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     if jax.process_index() == 0 and tf.io.gfile.isdir(self.directory):
-      for tmp in ocp.utils.tmp_checkpoints(self.directory):
-        # orbax-checkpoint 0.12 returns TemporaryPath objects; its older alias returned names.
-        path = tmp.get() if hasattr(tmp, "get") else os.path.join(self.directory, tmp)
-        tf.io.gfile.rmtree(os.fspath(path))
+      for tmp in ocp.utils.tmp_checkpoints(self.directory):  # TemporaryPath objects (Orbax 0.12)
+        tf.io.gfile.rmtree(os.fspath(tmp.get()))
     multihost_utils.sync_global_devices("checkpoints_unfinished_saves_removed")
 
   def latest_step(self) -> Optional[int]:

@@ -2,10 +2,6 @@
 
 Every run uses `tests/helpers/tiny_config.py` and JAX's persistent compilation cache (a folder per
 test session), so that a restarted process loads its compiled steps instead of compiling again.
-
-A process started alone sums over its devices with XLA's in-process collectives; cooperating
-processes use gloo (`collectives="gloo"` also works for one process: `jax.distributed` with one
-member).
 """
 
 from __future__ import annotations
@@ -71,29 +67,16 @@ def command(workdir: str, *, data_dir: str, overrides: dict | None = None) -> li
   return args
 
 
-COLLECTIVES = ("in_process", "gloo")
-
-
 def start(workdir: str, *, data_dir: str, cache_dir: str, processes: int = 1,
-          devices_per_process: int = 4, collectives: str | None = None,
-          overrides: dict | None = None) -> list[subprocess.Popen]:
-  """Starts `processes` cooperating processes of one run; their output goes to workdir/out_<i>.txt.
-
-  `collectives`: "in_process" (a lone process, no `jax.distributed`) or "gloo" (`jax.distributed`
-  over 127.0.0.1, even for one process); by default "gloo" for several processes, else "in_process".
-  """
-  collectives = collectives or ("gloo" if processes > 1 else "in_process")
-  if collectives not in COLLECTIVES:
-    raise ValueError(f"collectives={collectives!r}; expected one of {COLLECTIVES}")
-  if processes > 1 and collectives != "gloo":
-    raise ValueError(f"{processes} processes need collectives='gloo', not {collectives!r}")
+          devices_per_process: int = 4, overrides: dict | None = None) -> list[subprocess.Popen]:
+  """Starts `processes` cooperating processes of one run; their output goes to workdir/out_<i>.txt."""
   os.makedirs(workdir, exist_ok=True)
   base = command(workdir, data_dir=data_dir, overrides=overrides)
   port = free_port()
   procs = []
   for i in range(processes):
     args = list(base)
-    if collectives == "gloo":
+    if processes > 1:
       args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                f"--process_id={i}"]
     out = open(os.path.join(workdir, f"out_{i}.txt"), "a")
