@@ -12,10 +12,14 @@ All maps are NHWC with `out_channels` channels; level `l` has `ceil(H / 2**l)` r
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from retinanet_jax.models import convolution
 
 P6_INPUTS = ("c5", "p5")
 
@@ -44,11 +48,12 @@ def upsample_nearest(x, size: tuple[int, int]):
   return x
 
 
-def _conv(in_channels, out_channels, kernel_size, *, stride=1, dtype, rngs):
+def _conv(in_channels, out_channels, kernel_size, *, stride=1, dtype, kernel_gradient, rngs):
   pad = kernel_size // 2
   return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), kernel_init=fpn_kernel_init,
-                  bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
+                  bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+                  conv_general_dilated=convolution.conv_function(kernel_gradient), rngs=rngs)
 
 
 class FPN(nnx.Module):
@@ -59,17 +64,17 @@ class FPN(nnx.Module):
   """
 
   def __init__(self, in_channels: tuple[int, int, int], out_channels: int = 256, *,
-               p6_input: str = "c5", dtype=None, rngs: nnx.Rngs):
+               p6_input: str = "c5", dtype=None, kernel_gradient: str = "auto", rngs: nnx.Rngs):
     if p6_input not in P6_INPUTS:
       raise ValueError(f"p6_input must be one of {P6_INPUTS}, got {p6_input!r}")
     if len(in_channels) != 3:
       raise ValueError(f"in_channels must give the channels of (C3, C4, C5), got {in_channels}")
-    self.laterals = nnx.List([_conv(c, out_channels, 1, dtype=dtype, rngs=rngs) for c in in_channels])
-    self.outputs = nnx.List([_conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-                             for _ in in_channels])
+    conv = functools.partial(_conv, dtype=dtype, kernel_gradient=kernel_gradient, rngs=rngs)
+    self.laterals = nnx.List([conv(c, out_channels, 1) for c in in_channels])
+    self.outputs = nnx.List([conv(out_channels, out_channels, 3) for _ in in_channels])
     p6_channels = in_channels[-1] if p6_input == "c5" else out_channels
-    self.p6 = _conv(p6_channels, out_channels, 3, stride=2, dtype=dtype, rngs=rngs)
-    self.p7 = _conv(out_channels, out_channels, 3, stride=2, dtype=dtype, rngs=rngs)
+    self.p6 = conv(p6_channels, out_channels, 3, stride=2)
+    self.p7 = conv(out_channels, out_channels, 3, stride=2)
     self.p6_input = p6_input
 
   def __call__(self, c3, c4, c5):

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retinanet_jax.models import convolution
+
 HEAD_NORMS = ("none", "group_norm")
 
 normal_init = nnx.initializers.normal(0.01)
@@ -42,14 +44,16 @@ class Subnet(nnx.Module):
 
   def __init__(self, in_channels: int, *, num_anchors: int, outputs_per_anchor: int,
                num_convs: int = 4, norm: str = "none", predictor_bias: float = 0.0,
-               norm_epsilon: float = 1e-5, dtype=None, rngs: nnx.Rngs):
+               norm_epsilon: float = 1e-5, dtype=None, kernel_gradient: str = "auto",
+               rngs: nnx.Rngs):
     if norm not in HEAD_NORMS:
       raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
     use_norm = norm == "group_norm"
+    conv_fn = convolution.conv_function(kernel_gradient)
     self.convs = nnx.List([
         nnx.Conv(in_channels, in_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=not use_norm,
                  kernel_init=normal_init, bias_init=nnx.initializers.zeros_init(), dtype=dtype,
-                 rngs=rngs) for _ in range(num_convs)])
+                 conv_general_dilated=conv_fn, rngs=rngs) for _ in range(num_convs)])
     self.norms = nnx.List([
         nnx.GroupNorm(in_channels, num_groups=32, epsilon=norm_epsilon, use_fast_variance=False,
                       dtype=dtype, rngs=rngs) for _ in range(num_convs)] if use_norm else [])
@@ -59,7 +63,8 @@ class Subnet(nnx.Module):
                               padding=((1, 1), (1, 1)), kernel_init=normal_init,
                               bias_init=nnx.initializers.constant(predictor_bias), dtype=dtype,
                               promote_dtype=_promote_except_bias,
-                              preferred_element_type=jnp.float32, rngs=rngs)
+                              preferred_element_type=jnp.float32, conv_general_dilated=conv_fn,
+                              rngs=rngs)
     self.outputs_per_anchor = outputs_per_anchor
 
   def __call__(self, features):
@@ -90,9 +95,10 @@ class RetinaNetHead(nnx.Module):
 
   def __init__(self, in_channels: int = 256, *, num_classes: int, num_anchors: int = 9,
                num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01,
-               norm_epsilon: float = 1e-5, dtype=None, rngs: nnx.Rngs):
+               norm_epsilon: float = 1e-5, dtype=None, kernel_gradient: str = "auto",
+               rngs: nnx.Rngs):
     common = dict(num_anchors=num_anchors, num_convs=num_convs, norm=norm, norm_epsilon=norm_epsilon,
-                  dtype=dtype, rngs=rngs)
+                  dtype=dtype, kernel_gradient=kernel_gradient, rngs=rngs)
     self.classification = Subnet(in_channels, outputs_per_anchor=num_classes,
                                  predictor_bias=classification_bias(prior_prob), **common)
     self.box = Subnet(in_channels, outputs_per_anchor=4, **common)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retinanet_jax.models import convolution
+
 NORMS = ("frozen_bn", "sync_bn", "group_norm")
 
 # name -> (block kind, blocks per stage res2..res5, groups, width per group)
@@ -74,6 +76,8 @@ class ResNetConfig:
     norm_epsilon: the batch-norm / group-norm epsilon. 1e-5 everywhere except torchvision's COCO
       RetinaNet v1 weights, which torchvision runs with 0.0 (`overwrite_eps`).
     norm_axis_name: mesh axis over which `sync_bn` averages statistics (None: no collective).
+    conv_kernel_gradient: how training computes the convolutions' kernel gradients, one of
+      `convolution.KERNEL_GRADIENTS` (the same result; 'auto' is the fastest measured per platform).
   """
 
   architecture: str = "resnet50"
@@ -82,8 +86,10 @@ class ResNetConfig:
   stride_in_1x1: bool = False
   norm_epsilon: float = 1e-5
   norm_axis_name: str | None = "data"
+  conv_kernel_gradient: str = "auto"
 
   def __post_init__(self):
+    convolution.check_kernel_gradient(self.conv_kernel_gradient)
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
     if self.norm not in NORMS:
@@ -139,11 +145,12 @@ class ConvNorm(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                groups: int = 1, norm: str, epsilon: float, axis_name: str | None, dtype,
-               rngs: nnx.Rngs):
+               kernel_gradient: str = "auto", rngs: nnx.Rngs):
     pad = kernel_size // 2
     self.conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
                          padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
-                         kernel_init=conv_kernel_init, dtype=dtype, rngs=rngs)
+                         kernel_init=conv_kernel_init, dtype=dtype,
+                         conv_general_dilated=convolution.conv_function(kernel_gradient), rngs=rngs)
     self.norm = make_norm(norm, out_channels, epsilon=epsilon, axis_name=axis_name, dtype=dtype,
                           rngs=rngs)
 
@@ -212,7 +219,7 @@ class ResNet(nnx.Module):
       frozen = index < config.freeze_at
       norm = "frozen_bn" if frozen and config.norm == "sync_bn" else config.norm
       return dict(norm=norm, epsilon=config.norm_epsilon, axis_name=config.norm_axis_name,
-                  dtype=dtype, rngs=rngs)
+                  dtype=dtype, kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
 
     self.stem = ConvNorm(3, 64, 7, stride=2, **norm_kwargs(0))
     if config.freeze_at >= 1:

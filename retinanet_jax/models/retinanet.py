@@ -59,6 +59,9 @@ class RetinaNetConfig:
     num_anchors: anchors per location (`AnchorConfig.num_per_location`).
     prior_prob: initial foreground probability `pi` of the classification bias.
     dtype: computation dtype, 'float32' or 'bfloat16'.
+    conv_kernel_gradient: how training computes convolution kernel gradients, one of
+      `convolution.KERNEL_GRADIENTS`: 'auto' (GEMMs for 1x1 and strided convolutions on the CPU,
+      XLA's elsewhere: the fastest measured), 'xla' or 'gemm'. The same gradients either way.
   """
 
   backbone: str = "resnet50"
@@ -75,6 +78,7 @@ class RetinaNetConfig:
   num_anchors: int = 9
   prior_prob: float = 0.01
   dtype: str = "float32"
+  conv_kernel_gradient: str = "auto"
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -88,7 +92,8 @@ class RetinaNetConfig:
   def backbone_config(self) -> resnet.ResNetConfig:
     return resnet.ResNetConfig(architecture=self.backbone, norm=self.norm, freeze_at=self.freeze_at,
                                stride_in_1x1=self.stride_in_1x1, norm_epsilon=self.norm_epsilon,
-                               norm_axis_name=self.norm_axis_name)
+                               norm_axis_name=self.norm_axis_name,
+                               conv_kernel_gradient=self.conv_kernel_gradient)
 
   @classmethod
   def from_mapping(cls, mapping) -> RetinaNetConfig:
@@ -120,11 +125,12 @@ class RetinaNet(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     self.backbone = resnet.ResNet(config.backbone_config, dtype=dtype, rngs=rngs)
     self.fpn = fpn_lib.FPN(self.backbone.out_channels, config.fpn_channels,
-                           p6_input=config.p6_input, dtype=dtype, rngs=rngs)
+                           p6_input=config.p6_input, dtype=dtype,
+                           kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
     self.head = heads_lib.RetinaNetHead(
         config.fpn_channels, num_classes=config.num_classes, num_anchors=config.num_anchors,
         num_convs=config.head_num_convs, norm=config.head_norm, prior_prob=config.prior_prob,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
     self.config = config
 
   def features(self, images):
