@@ -60,8 +60,8 @@ class RetinaNetConfig:
     prior_prob: initial foreground probability `pi` of the classification bias.
     dtype: computation dtype, 'float32' or 'bfloat16'.
     conv_kernel_gradient: how training computes convolution kernel gradients, one of
-      `convolution.KERNEL_GRADIENTS`: 'auto' (GEMMs for 1x1 and strided convolutions on the CPU,
-      XLA's elsewhere: the fastest measured), 'xla' or 'gemm'. The same gradients either way.
+      `convolution.KERNEL_GRADIENTS`: 'auto' ('nhwc' on the CPU, 'xla' elsewhere: the fastest
+      measured), 'xla' or 'nhwc' (models/convolution.py). The same gradients either way.
   """
 
   backbone: str = "resnet50"

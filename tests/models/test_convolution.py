@@ -1,4 +1,4 @@
-"""models/convolution.py: the kernel gradient as GEMMs, against PyTorch's float64 convolution."""
+"""models/convolution.py: the NHWC kernel-gradient forms, against PyTorch's float64 convolution."""
 
 import functools
 import re
@@ -90,6 +90,24 @@ def test_gemm_kernel_gradient_golden():
   assert float(dw[1, 1, 0, 0]) == 1.0 + 3.0 + 7.0 + 9.0  # the centre tap reads the four corners
 
 
+def test_folded_kernel_gradient_golden():
+  """Two 3x3 images (1..9 and 10..18), a 2x2 kernel, no padding, dL/dy = 1: side by side the windows
+  never straddle the two images, so dW[i, j] is the sum of both images' 2x2 windows at (i, j)."""
+  x = jnp.arange(1.0, 19.0).reshape(2, 3, 3, 1)
+  w = jnp.zeros((2, 2, 1, 1))
+  dw = jax.jit(functools.partial(convolution.folded_kernel_gradient, padding=((0, 0), (0, 0))))(
+      x, w, jnp.ones((2, 2, 2, 1)))
+  first = np.array([[12.0, 16.0], [24.0, 28.0]])
+  np.testing.assert_array_equal(dw[..., 0, 0], first + (first + 4 * 9))
+
+
+@pytest.mark.parametrize("w_shape, stride, form", [((1, 1, 4, 4), 1, "gemm"), ((1, 1, 4, 4), 2, "gemm"),
+                                                   ((3, 3, 4, 4), 2, "gemm"), ((3, 3, 4, 4), 1, "folded"),
+                                                   ((7, 7, 4, 4), 1, "folded")])
+def test_nhwc_form(w_shape, stride, form):
+  assert convolution.nhwc_form(w_shape, (stride, stride)) == form
+
+
 def test_bfloat16_gradients_and_float32_accumulation():
   """bfloat16 input and kernel (the model's dtype='bfloat16'): the kernel gradient is bfloat16 like
   the kernel, and with preferred_element_type=float32 (the head's predictor) the output is float32."""
@@ -97,7 +115,7 @@ def test_bfloat16_gradients_and_float32_accumulation():
   x = rng.normal(size=(2, 9, 9, 8)).astype(np.float32)
   w = rng.normal(size=(3, 3, 8, 4)).astype(np.float32)
   results = {}
-  for mode in ("xla", "gemm"):
+  for mode in ("xla", "nhwc"):
     conv = convolution.conv_function(mode)
 
     def loss(x, w, conv=conv):
@@ -107,13 +125,13 @@ def test_bfloat16_gradients_and_float32_accumulation():
       return jnp.sum(y ** 2)
 
     results[mode] = jax.jit(jax.grad(loss, argnums=1))(x, w)
-  assert results["gemm"].dtype == jnp.float32  # the cast back to float32 kernels
+  assert results["nhwc"].dtype == jnp.float32  # the cast back to float32 kernels
   _, _, expected = _torch_reference(x, w, 2, ((1, 1), (1, 1)),
                                     2 * _torch_reference(x, w, 2, ((1, 1), (1, 1)),
                                                          np.zeros((1, 1, 1, 1)))[0])
   for mode, dw in results.items():  # bfloat16 has 8 bits of mantissa
     _close(dw, expected, rtol=3e-2)
-  _close(results["gemm"], np.asarray(results["xla"], np.float64), rtol=2e-2)
+  _close(results["nhwc"], np.asarray(results["xla"], np.float64), rtol=2e-2)
 
 
 @pytest.mark.parametrize("kwargs", [dict(feature_group_count=2), dict(rhs_dilation=(2, 2)),
@@ -130,7 +148,7 @@ def test_unsupported_calls_are_xla_itself(kwargs):
   def loss(conv, x, w):
     return jnp.sum(conv(x, w, (1, 1), padding, dimension_numbers=NHWC, **kwargs) ** 2)
 
-  ours = jax.jit(jax.grad(functools.partial(loss, convolution.conv_function("gemm")), argnums=(0, 1)))
+  ours = jax.jit(jax.grad(functools.partial(loss, convolution.conv_function("nhwc")), argnums=(0, 1)))
   reference = jax.jit(jax.grad(functools.partial(loss, lax.conv_general_dilated), argnums=(0, 1)))
   for a, b in zip(ours(x, w), reference(x, w)):
     np.testing.assert_array_equal(a, b)
@@ -144,14 +162,15 @@ def test_string_padding():
     def loss(conv, x, w):
       return jnp.sum(conv(x, w, (2, 2), padding, dimension_numbers=NHWC) ** 2)
 
-    ours = jax.jit(jax.grad(functools.partial(loss, convolution.conv_function("gemm")), argnums=1))
+    ours = jax.jit(jax.grad(functools.partial(loss, convolution.conv_function("nhwc")), argnums=1))
     reference = jax.jit(jax.grad(functools.partial(loss, lax.conv_general_dilated), argnums=1))
     _close(ours(x, w), np.asarray(reference(x, w), np.float64))
 
 
-def _kernel_gradient_convolutions(mode, w_shape, stride):
-  """Convolutions in the optimized HLO of d/dw that produce a kernel-shaped result ([C_in, kh, kw,
-  C_out]: XLA's weight-gradient convolution on the CPU)."""
+def _kernel_gradient_windows(mode, w_shape, stride):
+  """The windows of the convolutions in the optimized HLO of d/dw (a [2, 16, 16, C_in] input) that
+  produce a kernel-shaped result `[C_in, kh, kw, C_out]`: XLA's weight-gradient convolutions. The
+  window is the output gradient's spatial size: 16x16 batched, 16x34 (2 x 18 - 2) folded."""
   conv = convolution.conv_function(mode)
   kh, kw, c_in, c_out = w_shape
   pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
@@ -159,16 +178,18 @@ def _kernel_gradient_convolutions(mode, w_shape, stride):
                                                      dimension_numbers=NHWC) ** 2), argnums=1))
   text = grad.lower(jnp.ones((2, 16, 16, c_in)), jnp.ones(w_shape)).compile().as_text()
   shape = rf"f32\[{c_in},{kh},{kw},{c_out}\]"
-  return len(re.findall(shape + r"\{[\d,]*\} convolution\(", text))
+  return re.findall(shape + r"\{[\d,]*\} convolution\([^\n]*window=\{size=(\d+x\d+)", text)
 
 
-@pytest.mark.parametrize("w_shape, stride, auto_uses_gemm", [((1, 1, 8, 16), 1, True),
-                                                              ((3, 3, 8, 16), 2, True),
-                                                              ((3, 3, 8, 16), 1, False)])
-def test_auto_chooses_the_gemm_form_on_the_cpu_for_1x1_and_strided(w_shape, stride, auto_uses_gemm):
-  assert _kernel_gradient_convolutions("xla", w_shape, stride) == 1
-  assert _kernel_gradient_convolutions("gemm", w_shape, stride) == 0
-  assert _kernel_gradient_convolutions("auto", w_shape, stride) == (0 if auto_uses_gemm else 1)
+@pytest.mark.parametrize("w_shape, stride, nhwc_windows", [((1, 1, 8, 16), 1, []),
+                                                            ((3, 3, 8, 16), 2, []),
+                                                            ((3, 3, 8, 16), 1, ["16x34"])])
+def test_auto_lowers_the_nhwc_forms_on_the_cpu(w_shape, stride, nhwc_windows):
+  """'auto' is 'nhwc' when lowered for the CPU: no batched weight-gradient convolution is left; the
+  1x1 and strided ones are GEMMs, the 3x3 stride-1 one runs on the folded batch."""
+  assert len(_kernel_gradient_windows("xla", w_shape, stride)) == 1
+  assert _kernel_gradient_windows("nhwc", w_shape, stride) == nhwc_windows
+  assert _kernel_gradient_windows("auto", w_shape, stride) == nhwc_windows
 
 
 def test_invalid_mode_is_an_error_naming_the_field():
@@ -197,6 +218,6 @@ def test_retinanet_gradients_agree_across_modes():
     grads[mode] = jax.jit(jax.grad(loss))(params, rest)
   reference = jax.tree.leaves(grads["xla"])
   assert len(reference) > 20
-  for mode in ("auto", "gemm"):
+  for mode in ("auto", "nhwc"):
     for a, b in zip(jax.tree.leaves(grads[mode]), reference):
       _close(a, np.asarray(b, np.float64), rtol=1e-4)
