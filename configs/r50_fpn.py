@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_factor=0.001,
       grad_clip_norm=0.0,       # 0: off
       grad_reduction="psum",    # 'ordered': sum in device order on any layout (collectives.py)
+      donate_state="auto",      # 'auto': donate the state to the step except on the CPU (train.py)
       log_every=20,
       check_finite_every=1,     # host check of the non-finite guard (a device sync)
       checkpoint_every=5000,

@@ -471,7 +471,7 @@ def our_training(spec: NetSpec, size: int, batch: int, *, state_dict: dict, seed
                  dtype: str = "float32"):
   """`(step, state, device batch, host batch, timings)`: our compiled training step at `size`x`size`
   computing in `dtype`, its initial state with the weights `state_dict`, a batch, and trace/compile
-  seconds. `step(state, batch)` returns `(state, metrics)` and donates `state`."""
+  seconds. `step(state, batch)` returns `(state, metrics)` (and donates `state` on accelerators)."""
   import jax
   import numpy as np
   from flax import nnx

@@ -100,6 +100,43 @@ def test_unknown_grad_reduction_is_named():
     train.compile_train_step(None, None, None, config, None, None)
 
 
+@pytest.mark.parametrize("mode, donated", [("auto", False), ("always", True), ("never", False)])
+def test_donate_state(mode, donated):
+  """'auto' does not donate on the CPU (train.donates_state); donated or not, the step gives the same
+  new state."""
+  config = tiny(synthetic.get_config())
+  config.train.donate_state = mode
+  config.train.warmup_steps = 0
+  anchors = anchor_lib.generate_anchors((SIZE, SIZE), config=train.anchor_config(config)).boxes
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = train.make_optimizer(config.train)
+  graphdef, state = train.initial_state(train.create_model(config, seed=0), tx, config)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  # Host copies (jax.device_get can share the CPU buffer, and a shared buffer cannot be donated).
+  expected = jax.tree.map(lambda x: np.array(x, copy=True), state.params)
+  assert train.donates_state(config, mesh) == donated
+  step = train.compile_train_step(graphdef, tx, anchors, config, mesh,
+                                  train.learning_rate_schedule(config.train))
+  batch = jax.device_put(random_batch(np.random.default_rng(0), 2, SIZE), NamedSharding(mesh, P("data")))
+  new_state, _ = step(state, batch)
+  leaves = jax.tree.leaves(state.params)
+  assert all(x.is_deleted() for x in leaves) == donated
+  if not donated:  # the input state is intact
+    for a, b in zip(leaves, jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+  assert int(new_state.step) == 1
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
+                                                        jax.tree.leaves(expected))]
+  assert sum(changed) > len(changed) // 2
+
+
+def test_unknown_donate_state_is_named():
+  config = tiny(synthetic.get_config())
+  config.train.donate_state = "sometimes"
+  with pytest.raises(ValueError, match="train.donate_state must be one of"):
+    train.donates_state(config, train.make_mesh(jax.devices()[:1]))
+
+
 def _mock_coco_records():
   """Four coco/2017 records (mock_data's own random records are not valid COCO): sizes that are not
   multiples of 32, crowd and non-crowd boxes, one image without objects."""
