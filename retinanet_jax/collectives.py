@@ -58,10 +58,14 @@ def mean(tree, axis_name: str, *, mode: str = "psum"):
     axis_name: the mesh axis to average over.
     mode: "psum" (`lax.pmean`: the platform's all-reduce, fastest) or "ordered" (`ordered_sum`
       divided by the axis size: the same bits for any process layout).
+
+  On an axis of one device, `tree` itself (both modes are the identity there).
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+  n = jax.lax.axis_size(axis_name)
+  if n == 1:  # XLA:CPU would still run an all-reduce thunk, a copy of the whole tree
+    return tree
   if mode == "psum":
     return jax.lax.pmean(tree, axis_name)
-  n = jax.lax.axis_size(axis_name)
   return jax.tree.map(lambda x: x / jnp.asarray(n, x.dtype), ordered_sum(tree, axis_name))

@@ -70,6 +70,22 @@ def test_ordered_mean_keeps_dtypes_and_one_device_is_identity():
   np.testing.assert_array_equal(out["h"], stacked["h"])
 
 
+@pytest.mark.parametrize("mode", collectives.MODES)
+def test_one_device_mean_runs_no_collective(mode):
+  """On a 1-device axis the mean is the tree itself, with no all-reduce in the program (XLA:CPU would
+  copy the whole gradient tree through one)."""
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  tree = {"w": jnp.arange(12.0).reshape(3, 4) / 7, "b": jnp.ones(5, jnp.bfloat16)}
+  f = jax.jit(jax.shard_map(lambda t: collectives.mean(t, "data", mode=mode), mesh=mesh,
+                            in_specs=P(), out_specs=P(), check_vma=False))
+  out = f(tree)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  text = f.lower(tree).compile().as_text()
+  assert "all-reduce" not in text and "all-to-all" not in text and "all-gather" not in text
+
+
 def test_unknown_mode_is_an_error():
   with pytest.raises(ValueError, match="mode='tree'"):
     collectives.mean({"a": jnp.zeros(2)}, "data", mode="tree")
