@@ -192,6 +192,26 @@ def test_auto_lowers_the_nhwc_forms_on_the_cpu(w_shape, stride, nhwc_windows):
   assert _kernel_gradient_windows("auto", w_shape, stride) == nhwc_windows
 
 
+@pytest.mark.parametrize("platform, nhwc", [("cpu", True), ("cuda", False), ("tpu", False),
+                                             ("rocm", False)])
+def test_auto_keeps_xla_kernel_gradients_on_accelerators(platform, nhwc):
+  """The program of a 1x1 convolution's kernel gradient, exported (StableHLO) for each platform: 'auto'
+  is the GEMM (a dot_general, one convolution: the forward) only for the CPU, XLA's weight-gradient
+  convolution (two convolutions, no dot) for GPUs and TPUs; 'nhwc' is the GEMM everywhere."""
+  def program(mode):
+    conv = convolution.conv_function(mode)
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, (1, 1), ((0, 0), (0, 0)),
+                                                      dimension_numbers=NHWC) ** 2), argnums=1))
+    exported = jax.export.export(grad, platforms=(platform,))(
+        jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32), jax.ShapeDtypeStruct((1, 1, 4, 6), jnp.float32))
+    text = exported.mlir_module()
+    return "dot_general" in text, text.count("stablehlo.convolution")
+
+  assert program("auto") == ((True, 1) if nhwc else (False, 2))
+  assert program("nhwc") == (True, 1)
+  assert program("xla") == (False, 2)
+
+
 def test_invalid_mode_is_an_error_naming_the_field():
   with pytest.raises(ValueError, match="conv_kernel_gradient must be one of"):
     convolution.conv_function("cudnn")
