@@ -30,21 +30,36 @@ pipeline.py (per-host tf.data, global arrays, iterator state), labels.py (LabelM
 benchmark.py.
 """
 
-from retinanet_jax.data.coco_format import CocoFormatError, build_tfds_dataset
-from retinanet_jax.data.config import default_data_config, synthetic_data_config
-from retinanet_jax.data.labels import (COCO_LABEL_MAP, LabelMap, load_label_map,
-                                          save_label_map)
-from retinanet_jax.data.pipeline import (EvalInput, InputStats, TrainInput, make_eval_input,
-                                         make_train_input)
-from retinanet_jax.data.sources import (coco_ground_truth, ensure_synthetic_dataset, label_map,
-                                        load_examples)
-from retinanet_jax.data.synthetic import SyntheticConfig
-from retinanet_jax.data.transforms import padded_hw, TransformConfig
+import importlib
 
-__all__ = [
-    "COCO_LABEL_MAP", "CocoFormatError", "EvalInput", "InputStats", "LabelMap", "SyntheticConfig",
-    "TrainInput", "TransformConfig", "build_tfds_dataset", "coco_ground_truth",
-    "default_data_config", "ensure_synthetic_dataset", "label_map", "load_examples",
-    "load_label_map", "make_eval_input", "make_train_input", "padded_hw", "save_label_map",
-    "synthetic_data_config",
-]
+# Public name -> the submodule that defines it. Imported on first use (PEP 562), so that
+# `from retinanet_jax.data import config` (every config file does) loads neither TensorFlow nor
+# TFDS: the model, the losses and the train step run without them (on a GPU machine that has JAX
+# and PyTorch but no TensorFlow, `scripts/benchmark.py --suite=accelerator` needs only
+# ml_collections beside them).
+_EXPORTS = {
+    "CocoFormatError": "coco_format", "build_tfds_dataset": "coco_format",
+    "default_data_config": "config", "synthetic_data_config": "config",
+    "COCO_LABEL_MAP": "labels", "LabelMap": "labels", "load_label_map": "labels",
+    "save_label_map": "labels",
+    "EvalInput": "pipeline", "InputStats": "pipeline", "TrainInput": "pipeline",
+    "make_eval_input": "pipeline", "make_train_input": "pipeline",
+    "coco_ground_truth": "sources", "ensure_synthetic_dataset": "sources", "label_map": "sources",
+    "load_examples": "sources",
+    "SyntheticConfig": "synthetic",
+    "padded_hw": "transforms", "TransformConfig": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))
