@@ -1,5 +1,6 @@
-"""scripts/benchmark.py: every suite runs (--quick) and fills every row; the XLA-flag helpers and the
-per-operation profile on a small program."""
+"""scripts/benchmark.py and retinanet_jax/benchmarks/: every suite runs (--quick) and fills every row;
+the options, the largest-batch search, the report sections; the XLA-flag helpers and the per-operation
+profile on a small program."""
 
 import os
 import re
@@ -136,18 +137,8 @@ def test_op_profile_classifies_a_convolution_step():
   assert profiling.compiled_flops(compiled) > 0
 
 
-def _benchmark_module():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("benchmark_script",
-                                                os.path.join(ROOT, "scripts", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-  spec.loader.exec_module(sys.modules[spec.name])
-  return sys.modules[spec.name]
-
-
 def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
-  bench = _benchmark_module()
+  from retinanet_jax.benchmarks import accelerator as bench  # pylint: disable=import-outside-toplevel
   tried = []
 
   def measure(batch):
@@ -163,3 +154,37 @@ def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
     bench.largest_fitting(measure, (32, 64))
   with pytest.raises(ValueError, match="bad shape"):
     bench.largest_fitting(lambda b: (_ for _ in ()).throw(ValueError("bad shape")), (8,))
+
+
+def test_options_are_checked_and_quick_runs_once():
+  from retinanet_jax.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="repeats must be >= 1"):
+    timing.Options(repeats=0)
+  with pytest.raises(ValueError, match="accelerator_batches must increase"):
+    timing.Options(accelerator_batches=(32, 16))
+  assert timing.Session(timing.Options(quick=True, repeats=5)).options.repeats == 1
+  assert timing.Session(timing.Options(repeats=5)).options.repeats == 5
+
+
+def test_side_by_side_alternates_and_takes_medians():
+  from retinanet_jax.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  calls = []
+  ours, peer = timing.side_by_side(lambda: calls.append("o"), lambda: calls.append("p"), 4)
+  assert calls == ["o", "p"] + ["o", "p", "p", "o", "o", "p", "p", "o"]  # warm-up, then ABBA
+  assert ours.wall >= 0 and peer.wall >= 0
+  row = timing.Row("core", "x", timing.Timing(2.0, 1.0), timing.Timing(3.0, 4.0), flops=6.0)
+  assert row.ratio == 1.5 and row.cpu_ratio == 4.0
+  assert timing.flops_rates(row) == (3.0, 2.0)
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+  from retinanet_jax.benchmarks import report  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "benchmarks.md")
+  with open(path, "w") as f:
+    f.write("# Benchmarks\n\nintro\n<!-- benchmark:begin -->\nold\n<!-- benchmark:end -->\ntail\n")
+  report.write_section(path, "benchmark", "new table")
+  report.write_section(path, "benchmark-accelerator", "gpu rows")
+  text = open(path).read()
+  assert text.startswith("# Benchmarks\n\nintro\n<!-- benchmark:begin -->\nnew table\n<!-- benchmark:end -->\ntail\n")
+  assert text.endswith("<!-- benchmark-accelerator:begin -->\ngpu rows\n<!-- benchmark-accelerator:end -->\n")
+  assert "old" not in text
