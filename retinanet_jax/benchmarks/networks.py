@@ -57,27 +57,34 @@ def torchvision_retinanet(spec: NetSpec):
   return model
 
 
-def informative_weights(model, images) -> None:
-  """Random weights under which both post-processings do real work: non-trivial frozen-BN statistics,
-  unit-gain head towers, class logits ~N(-6.5, 1.2) (thousands of candidates above the 0.05 score
-  threshold, as a trained model) and box deltas ~N(0, 0.3)."""
+def informative_weights(model, images, *, seed: int = 0) -> None:
+  """Random weights under which a comparison of the two networks (and of their post-processings)
+  means something: non-trivial batch-norm statistics and affine parameters (frozen, trainable or
+  group norms), head towers at unit gain, and predictors scaled on the features of `images` (CHW float
+  0-1 tensors) so that class logits are ~N(-6.5, 1.2) (hundreds to thousands of candidates above the
+  0.05 score threshold, as with a trained model) and box deltas ~N(0, 0.3). Also the model tests'
+  weights (tests/models/torchvision_reference.py)."""
   import torch
   from torchvision.ops import misc
 
-  gen = torch.Generator().manual_seed(0)
+  gen = torch.Generator().manual_seed(seed)
   uniform = lambda t, low, high: t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
   with torch.no_grad():
     for module in model.modules():
-      if isinstance(module, misc.FrozenBatchNorm2d):
+      if isinstance(module, (misc.FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
         uniform(module.running_mean, -0.2, 0.2)
         uniform(module.running_var, 0.5, 1.5)
         uniform(module.weight, 0.5, 1.0)
+        uniform(module.bias, -0.2, 0.2)
+      elif isinstance(module, torch.nn.GroupNorm):
+        uniform(module.weight, 0.5, 1.5)
         uniform(module.bias, -0.2, 0.2)
     for module in model.head.modules():
       if isinstance(module, torch.nn.Conv2d):
         module.weight.copy_(torch.randn(module.weight.shape, generator=gen)
                             * (2.0 / (module.in_channels * 9)) ** 0.5)
-        uniform(module.bias, -0.1, 0.1)
+        if module.bias is not None:
+          uniform(module.bias, -0.1, 0.1)
     image_list, _ = model.transform(images)
     features = list(model.backbone(image_list.tensors).values())
     for subnet, predictor, std in ((model.head.classification_head, "cls_logits", 1.2),

@@ -13,6 +13,7 @@ from flax import nnx
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 from retinanet_jax import weights
+from retinanet_jax.benchmarks.networks import informative_weights
 from retinanet_jax.models import retinanet
 
 TORCHVISION_BUILDERS = {"torchvision_v1": retinanet_resnet50_fpn,
@@ -40,40 +41,10 @@ def to_torch_images(images) -> list[torch.Tensor]:
 
 
 def randomize_torchvision_retinanet(model, calibration_images, *, seed: int = 0) -> None:
-  """Random weights that make the comparison meaningful: non-trivial batch-norm statistics and affine
-  parameters, head towers at unit gain, and predictors scaled so that class logits are ~N(-6.5, 1.2)
-  (a few hundred detections per image with well-spread scores) and box deltas ~N(0, 0.3)."""
-  gen = torch.Generator().manual_seed(seed)
-
-  def uniform_(t, low, high):
-    t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
-
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        uniform_(module.running_mean, -0.2, 0.2)
-        uniform_(module.running_var, 0.5, 1.5)
-        uniform_(module.weight, 0.5, 1.0)
-        uniform_(module.bias, -0.2, 0.2)
-      elif isinstance(module, torch.nn.GroupNorm):
-        uniform_(module.weight, 0.5, 1.5)
-        uniform_(module.bias, -0.2, 0.2)
-    for module in model.head.modules():
-      if isinstance(module, torch.nn.Conv2d):
-        fan_in = module.in_channels * 9
-        module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-        if module.bias is not None:
-          uniform_(module.bias, -0.1, 0.1)
-    # Scale the predictors on real features.
-    image_list, _ = model.transform(calibration_images)
-    features = list(model.backbone(image_list.tensors).values())
-    for subnet, predictor, std in ((model.head.classification_head, "cls_logits", 1.2),
-                                   (model.head.regression_head, "bbox_reg", 0.3)):
-      conv = getattr(subnet, predictor)
-      conv.bias.zero_()
-      out = torch.cat([conv(subnet.conv(f)).flatten() for f in features])
-      conv.weight.mul_(std / out.std())
-    uniform_(model.head.classification_head.cls_logits.bias, -7.0, -6.0)
+  """Random weights that make the comparison meaningful (the benchmark's, which documents them):
+  non-trivial batch-norm statistics and affine parameters, head towers at unit gain, and predictors
+  scaled so that class logits are ~N(-6.5, 1.2) and box deltas ~N(0, 0.3)."""
+  informative_weights(model, calibration_images, seed=seed)
 
 
 def torchvision_state_dict(model) -> dict[str, np.ndarray]:
