@@ -510,7 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Mesh -------------------------------------------------------------------------------------
   mesh = make_mesh()
   writer.log(f"Mesh: {jax.device_count()} devices ({jax.local_device_count()} local) on "
-             f"{jax.process_count()} processes, platform {jax.default_backend()}")
+             f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}, platform "
+             f"{jax.default_backend()}")
 
   # --- Input ------------------------------------------------------------------------------------
   if config.data.name == "synthetic":

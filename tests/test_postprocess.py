@@ -1,7 +1,7 @@
-"""postprocess.py against torchvision's RetinaNet.postprocess_detections and batched_nms, under jit."""
+"""postprocess.py against torchvision's RetinaNet.postprocess_detections (called by
+retinanet_jax.benchmarks.core.torchvision_postprocess) and batched_nms, under jit."""
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -9,24 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torchvision.models.detection import _utils as tv_det_utils
-from torchvision.models.detection.retinanet import RetinaNet
 
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import postprocess
-
-
-def torchvision_postprocess(logits, deltas, anchor_set, image_hw, **overrides):
-  fake = types.SimpleNamespace(score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5,
-                               detections_per_img=100,
-                               box_coder=tv_det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)))
-  vars(fake).update(overrides)
-  counts = list(anchor_set.level_counts)
-  head = {"cls_logits": list(torch.from_numpy(logits).split(counts, dim=1)),
-          "bbox_regression": list(torch.from_numpy(deltas).split(counts, dim=1))}
-  anchors = torch.from_numpy(np.array(anchor_set.boxes))
-  per_image = [list(anchors.split(counts)) for _ in range(logits.shape[0])]
-  return RetinaNet.postprocess_detections(fake, head, per_image, [tuple(hw) for hw in image_hw])
+from retinanet_jax.benchmarks.core import torchvision_postprocess
 
 
 def random_heads(seed, batch, num_anchors, num_classes):

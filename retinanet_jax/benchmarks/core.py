@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 from retinanet_jax.benchmarks.timing import Row, Session, block, side_by_side
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 
 def bench_focal_loss(session: Session) -> list[Row]:
@@ -78,6 +74,31 @@ def bench_matching(session: Session) -> list[Row]:
               peer)]
 
 
+def torchvision_postprocess(logits, deltas, anchor_set, image_hw, **overrides):
+  """torchvision's `RetinaNet.postprocess_detections` (per level top-k, then batched NMS) on NumPy
+  head outputs `[B, A, K]`, `[B, A, 4]` in our anchor order, with its defaults (score 0.05, 1000
+  candidates per level, NMS 0.5, 100 detections) unless `overrides` says otherwise: a list of dicts
+  of boxes, scores, labels per image. The peer of the post-processing row, and the reference of
+  tests/test_postprocess.py."""
+  import types
+
+  import numpy as np
+  import torch
+  from torchvision.models.detection import _utils as tv_det_utils
+  from torchvision.models.detection.retinanet import RetinaNet
+
+  fake = types.SimpleNamespace(score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5,
+                               detections_per_img=100,
+                               box_coder=tv_det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)))
+  vars(fake).update(overrides)
+  counts = list(anchor_set.level_counts)
+  head = {"cls_logits": list(torch.from_numpy(logits).split(counts, dim=1)),
+          "bbox_regression": list(torch.from_numpy(deltas).split(counts, dim=1))}
+  anchors = torch.from_numpy(np.array(anchor_set.boxes))
+  per_image = [list(anchors.split(counts)) for _ in range(logits.shape[0])]
+  return RetinaNet.postprocess_detections(fake, head, per_image, [tuple(hw) for hw in image_hw])
+
+
 def bench_postprocess(session: Session) -> list[Row]:
   quick, repeats = session.options.quick, session.options.repeats
   import jax
@@ -85,9 +106,6 @@ def bench_postprocess(session: Session) -> list[Row]:
 
   from retinanet_jax import anchors as anchor_lib
   from retinanet_jax import postprocess
-  if os.path.join(ROOT, "tests") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_postprocess import torchvision_postprocess  # the reference call, shared with the tests
 
   batch, size, classes = (2, (128, 128), 5) if quick else (8, (640, 640), 80)
   anchor_set = anchor_lib.generate_anchors(size)
