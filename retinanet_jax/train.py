@@ -238,7 +238,7 @@ def donates_state(config: ml_collections.ConfigDict, mesh) -> bool:
   optimizer state in device memory. 'auto' donates on GPUs and TPUs and not on the CPU: XLA:CPU has no
   multi-output fusion, so the update of a parameter and of its momentum are two loops that both read
   the old parameter and the old momentum, and to write either in place XLA first copies the whole
-  state; measured on R50-FPN 512x512 (docs/benchmarks.md), the step is 7% faster without donation,
+  state; measured on R50-FPN 512x512 (docs/benchmarks.md), the step is 5-7% faster without donation,
   for ~0.3 GB more host memory."""
   mode = config.train.get("donate_state", "auto")
   if mode not in DONATE_STATE:

@@ -102,8 +102,8 @@ def test_unknown_grad_reduction_is_named():
 
 @pytest.mark.parametrize("mode, donated", [("auto", False), ("always", True), ("never", False)])
 def test_donate_state(mode, donated):
-  """'auto' does not donate on the CPU (train.donates_state); donated or not, the step gives the same
-  new state."""
+  """'auto' does not donate on the CPU (train.donates_state); only 'always' consumes the input
+  state, and every mode takes a real step."""
   config = tiny(synthetic.get_config())
   config.train.donate_state = mode
   config.train.warmup_steps = 0

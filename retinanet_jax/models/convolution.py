@@ -94,7 +94,7 @@ def folded_kernel_gradient(x, w, dy, *, padding: tuple[tuple[int, int], tuple[in
   side with `kw - 1` zero columns after each, `[1, H', B * W_p - kw + 1, C_out]`. The zero columns
   are where a window would straddle two images, so the sum is exactly the batched one; with one image
   XLA's layout transposes are plain `[H W, C] -> [C, H W]` ones instead of moving the batch minor."""
-  kh, kw = w.shape[:2]
+  kw = w.shape[1]
   batch, out_h, out_w, c_out = dy.shape
   (top, bottom), (left, right) = padding
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
