@@ -37,8 +37,8 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402  (imports no JAX)
 from retinanet_jax import xla_flags  # noqa: E402  (imports no JAX)
-from retinanet_jax.benchmarks import timing  # noqa: E402  (imports no JAX)
 
 FLAGS = flags.FLAGS
 DEFAULTS = timing.Options()
@@ -92,7 +92,7 @@ def main(argv):
   import torch
   import torchvision  # noqa: F401  pylint: disable=unused-import
 
-  from retinanet_jax.benchmarks import report, training  # pylint: disable=import-outside-toplevel
+  from benchmarks import report, training  # pylint: disable=import-outside-toplevel
 
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retinanet_jax import profiling, xla_flags
+from benchmarks import profiling
+from retinanet_jax import xla_flags
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 EXPECTED_ROWS = (
@@ -138,7 +139,7 @@ def test_op_profile_classifies_a_convolution_step():
 
 
 def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
-  from retinanet_jax.benchmarks import accelerator as bench  # pylint: disable=import-outside-toplevel
+  from benchmarks import accelerator as bench  # pylint: disable=import-outside-toplevel
   tried = []
 
   def measure(batch):
@@ -157,7 +158,7 @@ def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
 
 
 def test_options_are_checked_and_quick_runs_once():
-  from retinanet_jax.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  from benchmarks import timing  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="repeats must be >= 1"):
     timing.Options(repeats=0)
   with pytest.raises(ValueError, match="accelerator_batches must increase"):
@@ -167,7 +168,7 @@ def test_options_are_checked_and_quick_runs_once():
 
 
 def test_side_by_side_alternates_and_takes_medians():
-  from retinanet_jax.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  from benchmarks import timing  # pylint: disable=import-outside-toplevel
   calls = []
   ours, peer = timing.side_by_side(lambda: calls.append("o"), lambda: calls.append("p"), 4)
   assert calls == ["o", "p"] + ["o", "p", "p", "o", "o", "p", "p", "o"]  # warm-up, then ABBA
@@ -178,7 +179,7 @@ def test_side_by_side_alternates_and_takes_medians():
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
-  from retinanet_jax.benchmarks import report  # pylint: disable=import-outside-toplevel
+  from benchmarks import report  # pylint: disable=import-outside-toplevel
   path = str(tmp_path / "benchmarks.md")
   with open(path, "w") as f:
     f.write("# Benchmarks\n\nintro\n<!-- benchmark:begin -->\nold\n<!-- benchmark:end -->\ntail\n")

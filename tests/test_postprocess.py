@@ -1,5 +1,5 @@
 """postprocess.py against torchvision's RetinaNet.postprocess_detections (called by
-retinanet_jax.benchmarks.core.torchvision_postprocess) and batched_nms, under jit."""
+benchmarks.core.torchvision_postprocess) and batched_nms, under jit."""
 
 import functools
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks.core import torchvision_postprocess
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import postprocess
-from retinanet_jax.benchmarks.core import torchvision_postprocess
 
 
 def random_heads(seed, batch, num_anchors, num_classes):

@@ -12,8 +12,8 @@ import torch
 from flax import nnx
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
+from benchmarks.networks import informative_weights
 from retinanet_jax import weights
-from retinanet_jax.benchmarks.networks import informative_weights
 from retinanet_jax.models import retinanet
 
 TORCHVISION_BUILDERS = {"torchvision_v1": retinanet_resnet50_fpn,

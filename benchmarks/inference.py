@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 
-from retinanet_jax.benchmarks import networks
-from retinanet_jax.benchmarks.networks import FULL_NET, TINY_NET
-from retinanet_jax.benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
+from benchmarks import networks
+from benchmarks.networks import FULL_NET, TINY_NET
+from benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
 
 
 def bench_model(session: Session) -> list[Row]:
@@ -18,7 +18,8 @@ def bench_model(session: Session) -> list[Row]:
   import torch
   from flax import nnx
 
-  from retinanet_jax import profiling, weights
+  from benchmarks import profiling
+  from retinanet_jax import weights
   from retinanet_jax.models import retinanet
 
   spec = TINY_NET if quick else FULL_NET

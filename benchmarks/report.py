@@ -8,9 +8,9 @@ import platform
 import sys
 import time
 
-from retinanet_jax.benchmarks import accelerator, core, inference, input_pipeline, training
-from retinanet_jax.benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine,
-                                             flops_rates, update_matmul_rate)
+from benchmarks import accelerator, core, inference, input_pipeline, training
+from benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine, flops_rates,
+                               update_matmul_rate)
 
 SUITE_CASES = {
     "core": (core.bench_focal_loss, core.bench_matching, core.bench_postprocess),

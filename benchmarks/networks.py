@@ -12,7 +12,7 @@ import os
 import time
 from typing import Callable
 
-from retinanet_jax.benchmarks.timing import Session
+from benchmarks.timing import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ def profile_section(session: Session, title: str, run: Callable[[], object], com
                     peer: Callable[[], object]) -> None:
   """Adds to `session.profiles` our per-XLA-operation profile of `run` (which executes `compiled`)
   and torchvision's per-operator profile of `peer`."""
-  from retinanet_jax import profiling
+  from benchmarks import profiling
   ours = profiling.op_profile(run, compiled, repeats=2)
   rate = session.matmul_flops_per_second
   session.profiles.append(f"### {title}\n\nOurs, per XLA operation (XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`):"

@@ -9,9 +9,9 @@ import statistics
 import sys
 from typing import Callable
 
-from retinanet_jax.benchmarks import networks
-from retinanet_jax.benchmarks.networks import FULL_NET, TINY_NET, NetSpec
-from retinanet_jax.benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
+from benchmarks import networks
+from benchmarks.networks import FULL_NET, TINY_NET, NetSpec
+from benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
 
 
 # Dense bfloat16 peaks (TFLOP/s, no sparsity) by device kind, most specific name first.
@@ -90,7 +90,7 @@ def _our_train_seconds(spec: NetSpec, size: int, batch: int, state_dict: dict, r
     holder[0], metrics = compiled(holder[0], device_batch)
     return block(metrics["loss"])
 
-  from retinanet_jax import profiling
+  from benchmarks import profiling
   return _median_seconds(step, repeats), profiling.compiled_flops(compiled)
 
 
@@ -157,7 +157,7 @@ def _inference_rows(spec: NetSpec, size: tuple[int, int], batches, repeats: int)
   import numpy as np
   import torch
 
-  from retinanet_jax import profiling
+  from benchmarks import profiling
 
   detect, state, torch_model = _detectors(spec, size)
   device = torch_device()

@@ -12,15 +12,15 @@ import sys
 import tempfile
 import time
 
+from benchmarks import networks
+from benchmarks.networks import FULL_NET, TINY_NET
+from benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
 from retinanet_jax import xla_flags
-from retinanet_jax.benchmarks import networks
-from retinanet_jax.benchmarks.networks import FULL_NET, TINY_NET
-from retinanet_jax.benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
 
 
 def bench_train(session: Session) -> list[Row]:
   quick, repeats = session.options.quick, session.options.repeats
-  from retinanet_jax import profiling
+  from benchmarks import profiling
 
   spec = TINY_NET if quick else FULL_NET
   size, batch = (96, 2) if quick else (512, 2)

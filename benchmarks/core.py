@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from retinanet_jax.benchmarks.timing import Row, Session, block, side_by_side
+from benchmarks.timing import Row, Session, block, side_by_side
 
 
 def bench_focal_loss(session: Session) -> list[Row]:

@@ -138,7 +138,7 @@ def _matmul_case(quick: bool):
   import jax.numpy as jnp
   import numpy as np
 
-  from retinanet_jax import profiling
+  from benchmarks import profiling
 
   n = 512 if quick else 2048
   a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)

@@ -8,7 +8,7 @@ import functools
 import time
 from unittest import mock
 
-from retinanet_jax.benchmarks.timing import Row, Session, Timing
+from benchmarks.timing import Row, Session, Timing
 
 
 def _encoded_examples(dataset_name: str, data_dir: str) -> list:
@@ -61,7 +61,7 @@ def bench_input(session: Session) -> list[Row]:
   quick = session.options.quick  # one measurement per side: each runs for input_seconds
   import torch
 
-  from retinanet_jax.data import benchmark as data_benchmark
+  from benchmarks import input_data
   from retinanet_jax.data import transforms
 
   data_dir = session.options.data_dir
@@ -70,13 +70,13 @@ def bench_input(session: Session) -> list[Row]:
   rows = []
   for mode in ("lsj", "resize"):
     if quick:  # a tiny stand-in dataset (as tests/data/test_benchmark.py does)
-      tiny = functools.partial(data_benchmark.build_benchmark_dataset, num_images=8, height=72,
+      tiny = functools.partial(input_data.build_benchmark_dataset, num_images=8, height=72,
                                width=96)
-      with mock.patch.object(data_benchmark, "build_benchmark_dataset", tiny):
-        config = data_benchmark.benchmark_data_config(data_dir, mode=mode)
+      with mock.patch.object(input_data, "build_benchmark_dataset", tiny):
+        config = input_data.benchmark_data_config(data_dir, mode=mode)
       config.image_size, config.max_size, config.train_min_size_range = 128, 160, (96, 96)
     else:
-      config = data_benchmark.benchmark_data_config(data_dir, mode=mode)
+      config = input_data.benchmark_data_config(data_dir, mode=mode)
     padded_hw = transforms.padded_hw(transforms.TransformConfig.from_data_config(config))
     examples = _encoded_examples(config.name, data_dir)
     peer_batch = torchvision_input(
@@ -87,8 +87,8 @@ def bench_input(session: Session) -> list[Row]:
     ours, peer = [], []
     try:
       for _ in range(1 if quick else 2):
-        ours.append(data_benchmark.input_images_per_second(config, seconds=seconds,
-                                                           batch_size=batch_size, warmup_batches=2))
+        ours.append(input_data.input_images_per_second(config, seconds=seconds,
+                                                       batch_size=batch_size, warmup_batches=2))
         peer_batch()
         images, wall, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - wall < seconds:
