@@ -98,14 +98,16 @@ def build_benchmark_dataset(data_dir: str, *, num_images: int = 128, height: int
   return f"{name}/{config}"
 
 
-def benchmark_data_config(data_dir: str, *, mode: str) -> ml_collections.ConfigDict:
+def benchmark_data_config(data_dir: str, *, mode: str, num_images: int = 128, height: int = 480,
+                          width: int = 640) -> ml_collections.ConfigDict:
   """The config of the issue's two measurements over the stand-in dataset.
 
   mode "lsj": 640x640 large-scale jitter (0.1-2.0), flip. mode "resize": short side 800, long side
-  at most 1333 (padded to 1408x1408), flip.
+  at most 1333 (padded to 1408x1408), flip. num_images, height, width: the stand-in dataset's size
+  (`build_benchmark_dataset`; smaller for smoke tests).
   """
   c = config_lib.default_data_config()
-  c.name = build_benchmark_dataset(data_dir)
+  c.name = build_benchmark_dataset(data_dir, num_images=num_images, height=height, width=width)
   c.data_dir = data_dir
   c.mode = mode
   c.image_size = 640
