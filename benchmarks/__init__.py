@@ -13,6 +13,8 @@ shared parts:
   input_pipeline.py  the input suite: tf.data against torchvision's transforms.
   accelerator.py     bfloat16 on a GPU/TPU against torchvision with AMP.
   report.py          which cases a suite runs, running them, the table and docs/benchmarks.md.
+  profiling.py       per-XLA-operation profiles of a compiled program, XLA's FLOP count.
+  input_data.py      the input pipeline's images/s on this host, the COCO-like stand-in dataset.
 
 Each case is `bench_*(session) -> list[Row]`.
 """

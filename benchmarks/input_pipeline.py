@@ -1,4 +1,4 @@
-"""The input suite: our training input pipeline (retinanet_jax/data/benchmark.py) at 640 LSJ and at
+"""The input suite: our training input pipeline (benchmarks/input_data.py) at 640 LSJ and at
 800/1333 against torchvision's detection-reference transforms (transforms.v2) on the same JPEGs, as
 time per image and core."""
 

@@ -7,7 +7,7 @@
     python scripts/benchmark.py --suite=train --xla_flags=     # XLA's own defaults instead of ours
 
 Suites (the peer is torchvision on the same machine, in the same process, on the same inputs); each is
-a module of `retinanet_jax/benchmarks/`, whose docstring says what it measures:
+a module of `benchmarks/`, whose docstring says what it measures:
   core         focal loss, anchor matching, post-processing (core.py).
   model        inference at 512x512 and 800x1333, batch 1, and the time to the first result (inference.py).
   train        one training step, the time to the first step, and the persistent compilation cache

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and retinanet_jax/benchmarks/: every suite runs (--quick) and fills every row;
+"""scripts/benchmark.py and benchmarks/: every suite runs (--quick) and fills every row;
 the options, the largest-batch search, the report sections; the XLA-flag helpers and the per-operation
 profile on a small program."""
 

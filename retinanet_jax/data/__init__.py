@@ -21,13 +21,14 @@ What the trainer calls (all take the `data` ConfigDict of `default_data_config()
   `load_label_map(path)`: contiguous labels <-> category ids and names; save it into the workdir.
 
 Also: `load_examples(data_config, split)` (decoded examples in one format, no augmentation),
-`input_images_per_second(...)` (benchmark.py), `build_tfds_dataset` (coco_format.py, behind
-scripts/prepare_dataset.py), `SyntheticConfig` (synthetic.py, the synthetic dataset's knobs).
+`build_tfds_dataset` (coco_format.py, behind scripts/prepare_dataset.py), `SyntheticConfig`
+(synthetic.py, the synthetic dataset's knobs).
 
 Module map: config.py (every field), sources.py (datasets -> one example format, ground truth),
 coco_format.py (COCO JSON -> TFDS), synthetic.py (rendering), transforms.py (geometry),
-pipeline.py (per-host tf.data, global arrays, iterator state), labels.py (LabelMap),
-benchmark.py.
+pipeline.py (per-host tf.data, global arrays, iterator state), labels.py (LabelMap). The input
+pipeline's throughput (images/s per host core) is measured outside the package, by
+benchmarks/input_data.py.
 """
 
 import importlib
