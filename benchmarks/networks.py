@@ -158,35 +158,33 @@ def our_training(spec: NetSpec, size: int, batch: int, *, state_dict: dict, seed
   seconds. `step(state, batch)` returns `(state, metrics)` (and donates `state` on accelerators)."""
   import jax
   import numpy as np
-  from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from configs import r50_fpn
   from retinanet_jax import anchors as anchor_lib
-  from retinanet_jax import train, weights
+  from retinanet_jax import config as config_lib
+  from retinanet_jax import train_state, train_step
 
-  config = r50_fpn.get_config()
+  config = config_lib.default_config()
   config.model.update(spec.our_fields())
   config.loss.box_loss = "l1"  # torchvision v1's box loss
   config.train.batch_size = batch
   config.train.warmup_steps = 0
   config.model.dtype = dtype
-  mesh = train.make_mesh(jax.devices()[:1])
-  # Abstract, then loaded: skips the eager random initialization (seconds of small compilations).
-  model = nnx.eval_shape(lambda: train.create_model(config, seed=seed))
-  weights.load_into(model, state_dict)
-  tx = train.make_optimizer(config.train)
-  graphdef, state = train.initial_state(model, tx, config)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  anchors = anchor_lib.generate_anchors((size, size), config=train.anchor_config(config)).boxes
+  config.seed = seed
+  config = config_lib.Config.from_config_dict(config)
+  mesh = train_state.make_mesh(jax.devices()[:1])
+  # Loaded into the abstract model: skips the eager random initialization (seconds of small
+  # compilations).
+  setup = train_state.create_train_state(config, mesh, initial_weights=state_dict)
+  state = setup.state
+  anchors = anchor_lib.generate_anchors((size, size), config=config.anchors).boxes
   rng = np.random.default_rng(seed)
   boxes, labels = random_targets(rng, batch, size, spec.num_classes)
   host_batch = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
                 "image_hw": np.full((batch, 2), size, np.int32), "boxes": boxes, "labels": labels,
                 "box_mask": np.ones(labels.shape, bool), "is_crowd": np.zeros(labels.shape, bool)}
-  device_batch = jax.device_put(host_batch, NamedSharding(mesh, P(train.DATA_AXIS)))
-  step = train.compile_train_step(graphdef, tx, anchors, config, mesh,
-                                  train.learning_rate_schedule(config.train))
+  device_batch = jax.device_put(host_batch, NamedSharding(mesh, P(train_state.DATA_AXIS)))
+  step = train_step.compile_train_step(setup, config, mesh, anchors)
   start = time.perf_counter()
   lowered = step.lower(state, device_batch)
   traced = time.perf_counter() - start

@@ -3,16 +3,11 @@ compute, global batch 256 on a TPU pod (e.g. v4-32 / v5e-64: 8 or 4 images per c
 Garden / MLPerf-style recipe: lr 0.01 per 16 images scaled to 0.16, 22.5k steps (~50 epochs),
 drops at 15k and 20k."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from configs import r50_fpn  # noqa: E402
+from retinanet_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = r50_fpn.get_config()
+  c = config_lib.default_config()
   c.data.mode = "lsj"
   c.data.image_size = 640
   c.data.scale_range = (0.1, 2.0)
@@ -23,4 +18,4 @@ def get_config(arg: str | None = None):
   c.train.warmup_steps = 500
   c.train.checkpoint_every = 1000
   c.eval.batch_size = 64
-  return r50_fpn.apply_variant(c, arg)
+  return config_lib.apply_variant(c, arg)

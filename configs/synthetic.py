@@ -9,19 +9,14 @@ GroupNorm on the CPU), 64-channel FPN and GroupNorm heads, anchors of 16-256 px 
 fit 8-96 px objects, GIoU box loss, AdamW with warm-up and cosine decay, 800 steps of 16 images.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from configs import r50_fpn  # noqa: E402
-from retinanet_jax.data import config as data_config_lib  # noqa: E402
+from retinanet_jax import config as config_lib
+from retinanet_jax.data import config as data_config_lib
 
 VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str | None = None):
-  c = r50_fpn.get_config()
+  c = config_lib.default_config()
   c.data = data_config_lib.synthetic_data_config()
   c.model.backbone = "resnet18"
   c.model.norm = "sync_bn"

@@ -46,7 +46,7 @@ class AnchorConfig:
   num_scales: int = 3
   aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
   anchor_scale: float = 4.0  # base anchor size = anchor_scale * stride
-  convention: str = "torchvision"
+  convention: str = dataclasses.field(default="torchvision", metadata={"choices": CONVENTIONS})
 
   def __post_init__(self):
     if self.convention not in CONVENTIONS:

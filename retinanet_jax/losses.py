@@ -3,7 +3,9 @@
 Shapes: `B` images, `A` anchors per image, `K` foreground classes, `M` padded ground-truth slots.
 
 The element-wise losses return unnormalized per-element values (like `optax` and torchvision's
-`reduction="none"`); `retinanet_loss` sums and normalizes them. All are pure jnp, stable from logits,
+`reduction="none"`); `retinanet_losses` sums them over a batch from the anchors' targets
+(`labeling.label_anchors`) and leaves the normalizer to the caller (`retinanet_loss` divides by the
+batch's positives; the train step by the global batch's). All are pure jnp, stable from logits,
 and differentiable twice at any finite input (logits of +-100 included).
 """
 
@@ -17,11 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from retinanet_jax import boxes as box_lib
-from retinanet_jax import matching
+from retinanet_jax import labeling
 
 BOX_LOSSES = ("l1", "smooth_l1", "huber", "giou")
-BACKGROUND = -1
-IGNORE = -2
+BACKGROUND = labeling.BACKGROUND
+IGNORE = labeling.IGNORE
 
 
 def _check_alpha_gamma(alpha, gamma):
@@ -245,17 +247,30 @@ def giou_loss(boxes, target_boxes):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class LossSums:
+  """What `retinanet_losses` returns: unnormalized sums over a batch (float32 scalars).
+
+  Attributes:
+    cls: focal loss summed over every class of every non-ignored anchor.
+    box: box loss summed over the coordinates of every positive anchor.
+    num_positives: positive anchors of this batch (this device's share).
+  """
+
+  cls: jax.Array
+  box: jax.Array
+  num_positives: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class LossOutput:
-  """What `retinanet_loss` returns (all float32 scalars).
+  """A normalized loss (all float32 scalars).
 
   Attributes:
     loss: `cls_loss + box_loss_weight * box_loss`, the quantity to differentiate.
-    cls_loss: focal loss over non-ignored anchors / normalizer.
-    box_loss: box loss over positive anchors / normalizer.
-    num_positives: positive anchors in the (global, with `axis_name`) batch.
-    normalizer: the divisor used: `max(1, num_positives)` or its EMA.
-    normalizer_state: the EMA state to pass to the next step (equals `normalizer`; `None` in,
-      `None` out when no EMA is used).
+    cls_loss, box_loss: the sums divided by `normalizer`.
+    num_positives: positive anchors counted by the normalizer.
+    normalizer: the divisor.
   """
 
   loss: jax.Array
@@ -263,43 +278,27 @@ class LossOutput:
   box_loss: jax.Array
   num_positives: jax.Array
   normalizer: jax.Array
-  normalizer_state: Optional[jax.Array]
 
 
-def retinanet_loss(cls_logits, box_deltas, *, anchors, gt_boxes, gt_labels, gt_mask,
-                   gt_is_crowd=None, alpha: Optional[float] = 0.25, gamma: float = 2.0,
-                   box_loss: str = "l1", smooth_l1_beta: float = 0.1, huber_delta: float = 0.1,
-                   box_loss_weight: float = 1.0, box_coder: box_lib.BoxCoder = box_lib.BoxCoder(),
-                   positive_threshold: float = 0.5, negative_threshold: float = 0.4,
-                   low_quality: str = "ties", axis_name: Optional[str] = None,
-                   normalizer_state=None, normalizer_momentum: float = 0.9) -> LossOutput:
-  """The RetinaNet training loss of a batch: matching, focal loss and box loss, normalized.
-
-  Anchors are matched to the ground truth (`matching.match_anchors`). The focal loss is summed over
-  every class of every non-ignored anchor; the box loss over the 4 coordinates of every positive anchor
-  (`l1` / `smooth_l1` / `huber` on BoxCoder deltas, or `giou` on decoded boxes). Both sums are divided
-  by the number of positive anchors in the batch, `max(1, num_positives)`.
-
-  Normalization is global: with `axis_name` (inside `shard_map`/named-axis code), positives are summed
-  over all devices, and the returned per-device loss is `local_sum * axis_size / global_normalizer`, so
-  that its `lax.pmean` over devices (and the `pmean` of its gradients) is the loss of the whole global
-  batch. torchvision and detectron2 normalize per device (torchvision even per image).
-
-  With `normalizer_state` (a float32 scalar; detectron2 starts it at 100) the divisor is the EMA
-  `momentum * state + (1 - momentum) * max(1, num_positives)`, returned as the new state.
+def retinanet_losses(cls_logits, box_deltas, targets: labeling.AnchorTargets, *, anchors,
+                     alpha: Optional[float] = 0.25, gamma: float = 2.0, box_loss: str = "l1",
+                     smooth_l1_beta: float = 0.1, huber_delta: float = 0.1,
+                     box_coder: box_lib.BoxCoder = box_lib.BoxCoder()) -> LossSums:
+  """The RetinaNet loss terms of a batch, unnormalized: focal loss over every class of every
+  non-ignored anchor, box loss over the 4 coordinates of every positive anchor (`l1` / `smooth_l1`
+  / `huber` on BoxCoder deltas, or `giou` on decoded boxes).
 
   Args:
     cls_logits: float `[B, A, K]`.
     box_deltas: float `[B, A, 4]`, BoxCoder deltas relative to `anchors`.
+    targets: `labeling.AnchorTargets` of the batch (`labeling.label_anchors`).
     anchors: float `[A, 4]`, `xyxy` pixels.
-    gt_boxes: float `[B, M, 4]`, `xyxy` pixels; gt_labels: int `[B, M]` in `0..K-1`;
-    gt_mask: bool `[B, M]`; gt_is_crowd: optional bool `[B, M]`.
+    alpha, gamma: as in `sigmoid_focal_loss`.
     box_loss: one of `BOX_LOSSES`. torchvision v1: 'l1'; v2: 'giou'; detectron2: 'smooth_l1'
       (beta 0.1); TF Model Garden: 'huber' (delta 0.1).
-    positive_threshold, negative_threshold, low_quality: as in `matching.match_anchors`.
 
   Returns:
-    `LossOutput`.
+    `LossSums`; divide by a normalizer (`normalize`, or the train step's global one).
   """
   if box_loss not in BOX_LOSSES:
     raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
@@ -311,25 +310,16 @@ def retinanet_loss(cls_logits, box_deltas, *, anchors, gt_boxes, gt_labels, gt_m
                      f"{tuple(box_deltas.shape)}")
   if anchors.shape != (num_anchors, 4):
     raise ValueError(f"anchors must be [A, 4] = {(num_anchors, 4)}, got {tuple(anchors.shape)}")
-  if gt_boxes.ndim != 3 or gt_boxes.shape[0] != batch or gt_boxes.shape[-1] != 4:
-    raise ValueError(f"gt_boxes must be [B, M, 4] with B = {batch}, got {tuple(gt_boxes.shape)}")
-  if gt_labels.shape != gt_boxes.shape[:2] or gt_mask.shape != gt_boxes.shape[:2]:
-    raise ValueError(f"gt_labels and gt_mask must be [B, M] = {gt_boxes.shape[:2]}, got "
-                     f"{tuple(gt_labels.shape)} and {tuple(gt_mask.shape)}")
+  if targets.labels.shape != (batch, num_anchors):
+    raise ValueError(f"targets must be for [B, A] = {(batch, num_anchors)} anchors, got "
+                     f"{tuple(targets.labels.shape)}")
 
   anchors = jnp.asarray(anchors, jnp.float32)
-  match = matching.batch_match_anchors(
-      anchors, gt_boxes, gt_mask, gt_is_crowd=gt_is_crowd, positive_threshold=positive_threshold,
-      negative_threshold=negative_threshold, low_quality=low_quality)
-  positive = match.state == matching.POSITIVE  # [B, A]
-  labels = matching.classification_targets(match, gt_labels, ignore_label=IGNORE,
-                                           background_label=BACKGROUND)
-  cls_sum = jnp.sum(sigmoid_focal_loss_from_labels(cls_logits, labels, alpha=alpha, gamma=gamma))
-
-  matched = jnp.take_along_axis(gt_boxes.astype(jnp.float32), match.gt_index[..., None], axis=1)
-  # Non-positive rows get a harmless unit box, so no NaN or inf reaches the masked gradient.
-  unit = jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
-  matched = jnp.where(positive[..., None], matched, unit)
+  positive = targets.positive
+  cls_sum = jnp.sum(sigmoid_focal_loss_from_labels(cls_logits, targets.labels, alpha=alpha,
+                                                   gamma=gamma))
+  unit = jnp.asarray(labeling.UNIT_BOX, jnp.float32)
+  matched = targets.matched_boxes
   safe_anchors = jnp.where(positive[..., None], anchors[None], unit)
   if box_loss == "giou":
     per_coord = giou_loss(box_coder.decode(box_deltas, safe_anchors), matched)[..., None]
@@ -337,30 +327,40 @@ def retinanet_loss(cls_logits, box_deltas, *, anchors, gt_boxes, gt_labels, gt_m
     # Widths/heights floored at 1e-3 px so that a (dropped-upstream) zero-area box stays finite.
     matched = jnp.concatenate([matched[..., :2],
                                jnp.maximum(matched[..., 2:], matched[..., :2] + 1e-3)], axis=-1)
-    targets = box_coder.encode(matched, safe_anchors)
+    encoded = box_coder.encode(matched, safe_anchors)
     deltas = box_deltas.astype(jnp.float32)
     if box_loss == "l1":
-      per_coord = l1_loss(deltas, targets)
+      per_coord = l1_loss(deltas, encoded)
     elif box_loss == "smooth_l1":
-      per_coord = smooth_l1_loss(deltas, targets, beta=smooth_l1_beta)
+      per_coord = smooth_l1_loss(deltas, encoded, beta=smooth_l1_beta)
     else:
-      per_coord = huber_loss(deltas, targets, delta=huber_delta)
+      per_coord = huber_loss(deltas, encoded, delta=huber_delta)
   box_sum = jnp.sum(jnp.where(positive[..., None], per_coord, 0.0))
+  return LossSums(cls=cls_sum, box=box_sum, num_positives=targets.num_positives)
 
-  num_pos = jnp.sum(positive).astype(jnp.float32)
-  scale = 1.0
-  if axis_name is not None:
-    num_pos = jax.lax.psum(num_pos, axis_name)
-    scale = jax.lax.psum(1.0, axis_name)
-  if normalizer_state is None:
-    normalizer = jnp.maximum(num_pos, 1.0)
-    new_state = None
-  else:
-    normalizer = (normalizer_momentum * normalizer_state
-                  + (1.0 - normalizer_momentum) * jnp.maximum(num_pos, 1.0))
-    new_state = normalizer
-  cls_loss = cls_sum * scale / normalizer
-  box_loss_value = box_sum * scale / normalizer
-  return LossOutput(loss=cls_loss + box_loss_weight * box_loss_value, cls_loss=cls_loss,
-                    box_loss=box_loss_value, num_positives=num_pos, normalizer=normalizer,
-                    normalizer_state=new_state)
+
+def normalize(sums: LossSums, normalizer, *, box_loss_weight: float = 1.0,
+              num_positives=None) -> LossOutput:
+  """`LossOutput` of `sums` divided by `normalizer` (a float32 scalar); `num_positives` (default
+  `sums.num_positives`) is what the output reports."""
+  normalizer = jnp.asarray(normalizer, jnp.float32)
+  cls_loss = sums.cls / normalizer
+  box_loss = sums.box / normalizer
+  return LossOutput(loss=cls_loss + box_loss_weight * box_loss, cls_loss=cls_loss,
+                    box_loss=box_loss,
+                    num_positives=sums.num_positives if num_positives is None else num_positives,
+                    normalizer=normalizer)
+
+
+def retinanet_loss(cls_logits, box_deltas, targets: labeling.AnchorTargets, *, anchors,
+                   box_loss_weight: float = 1.0, **loss_kwargs) -> LossOutput:
+  """The RetinaNet loss of one batch on one device: `retinanet_losses` divided by the batch's
+  positive anchors, `max(1, num_positives)` (the paper's normalizer). `loss_kwargs` are
+  `retinanet_losses`' (alpha, gamma, box_loss, ...).
+
+  For notebooks and single-device code. Data-parallel training normalizes by the positives of the
+  global batch, or their EMA, in the train step (`train_step.loss_normalizer`); torchvision
+  normalizes per image, detectron2 per device.
+  """
+  sums = retinanet_losses(cls_logits, box_deltas, targets, anchors=anchors, **loss_kwargs)
+  return normalize(sums, jnp.maximum(sums.num_positives, 1.0), box_loss_weight=box_loss_weight)

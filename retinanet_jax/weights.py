@@ -25,21 +25,15 @@ id order (detectron2's and the data pipeline's contiguous order). Anchors: detec
 ordered size-major within a location; they are permuted at import to our aspect-ratio-major order
 (docs/design.md), for both the classification and the box predictor.
 
-Converted checkpoint (a directory):
-  * `state/`: `nnx.to_pure_dict(nnx.state(model))` saved with Orbax `StandardSave`; for backbone
-    sources only the `'backbone'` subtree.
-  * `metadata.json`: `{'format_version', 'kind' ('retinanet' | 'backbone'), 'model' (RetinaNetConfig
-    fields), 'input_convention', 'anchors' (AnchorConfig fields, including 'convention'), 'num_classes',
-    'label_map' ({'category_ids', 'names'}; both None for backbones), 'source' ({'format', 'file',
-    'class_mapping'})}`.
-`load_converted(path, backbone_only=...)` reads it back; `load_into(module, state)` copies a pure dict
-into a module with the same checks; `restore_model(path)` builds the model and loads it.
+Converted model (a directory, `checkpoints.save_model`): `model/` (`nnx.to_pure_dict(nnx.state(model))`
+saved with Orbax; for backbone sources only the `'backbone'` subtree) and `description.json` (a
+`model_description.ModelDescription`: architecture, anchors, input convention, label map with names,
+source). `checkpoints.load_model(path)` reads it back, like a training run; `load_into(module, state)`
+copies a pure dict into a module with the same checks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import pickle
 import re
@@ -50,13 +44,14 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from retinanet_jax import anchors as anchor_lib
+from retinanet_jax.data.labels import LabelMap
+from retinanet_jax.model_description import ModelDescription
 from retinanet_jax.models import preprocessing
 from retinanet_jax.models import retinanet as retinanet_lib
 
 SOURCES = ("torchvision_v1", "torchvision_v2", "torchvision_backbone", "detectron2", "msra_backbone")
 BACKBONE_SOURCES = ("torchvision_backbone", "msra_backbone")
 CLASS_MAPPINGS = ("keep", "coco80")
-FORMAT_VERSION = 1
 
 # torchvision's COCO category names indexed by category id (torchvision.models._meta._COCO_CATEGORIES).
 COCO_91_NAMES = (
@@ -363,85 +358,29 @@ def _check_pixel_stats(state_dict, convention: str):
 # The converted-checkpoint directory.
 
 
-def label_map_for(source: str, class_mapping: str, num_classes: int) -> dict:
-  """`{'category_ids': [...], 'names': [...]}` of the COCO classes of a converted COCO model."""
+def label_map_for(source: str, class_mapping: str, num_classes: int) -> LabelMap:
+  """The COCO classes of a converted COCO model (category ids and names)."""
   if source in ("torchvision_v1", "torchvision_v2") and class_mapping == "keep":
     ids, names = list(range(len(COCO_91_NAMES))), list(COCO_91_NAMES)
   else:
     ids, names = list(COCO_80_IDS), list(COCO_80_NAMES)
   if len(ids) != num_classes:
-    return {"category_ids": list(range(num_classes)), "names": [str(i) for i in range(num_classes)]}
-  return {"category_ids": ids, "names": names}
+    ids, names = list(range(num_classes)), [str(i) for i in range(num_classes)]
+  return LabelMap(tuple(ids), tuple(names))
 
 
-def make_metadata(*, source: str, source_file: str, model_config, input_convention: str,
-                  anchor_config: anchor_lib.AnchorConfig, class_mapping: str = "keep") -> dict:
+def describe_source(*, source: str, source_file: str, model_config, input_convention: str,
+                    anchor_config: anchor_lib.AnchorConfig,
+                    class_mapping: str = "keep") -> ModelDescription:
+  """The `ModelDescription` of a model converted from `source_file`."""
   config = retinanet_lib.RetinaNetConfig.from_mapping(model_config)
   backbone = source in BACKBONE_SOURCES
-  metadata = {
-      "format_version": FORMAT_VERSION,
-      "kind": "backbone" if backbone else "retinanet",
-      "model": config.to_dict(),
-      "input_convention": input_convention,
-      "anchors": dataclasses.asdict(anchor_config),
-      "num_classes": None if backbone else config.num_classes,
-      "label_map": None if backbone else label_map_for(source, class_mapping, config.num_classes),
-      "source": {"format": source, "file": os.path.basename(source_file),
-                 "class_mapping": class_mapping},
-  }
-  return json.loads(json.dumps(metadata))  # as load_metadata will read it back (tuples -> lists)
-
-
-def anchor_config_from_metadata(metadata: dict) -> anchor_lib.AnchorConfig:
-  """The `AnchorConfig` a converted checkpoint was made for."""
-  fields = dict(metadata["anchors"])
-  fields["aspect_ratios"] = tuple(fields["aspect_ratios"])
-  return anchor_lib.AnchorConfig(**fields)
-
-
-def save_converted(path: str, state: dict, metadata: dict) -> None:
-  """Writes `state` (a pure dict) with Orbax `StandardSave` to `path/state`, and `path/metadata.json`."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, "state"), state, force=True)
-  with open(os.path.join(path, "metadata.json"), "w") as f:
-    json.dump(metadata, f, indent=2)
-
-
-def load_metadata(path: str) -> dict:
-  with open(os.path.join(path, "metadata.json")) as f:
-    metadata = json.load(f)
-  if metadata.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: metadata format_version {metadata.get('format_version')}, "
-                     f"expected {FORMAT_VERSION}")
-  return metadata
-
-
-def load_converted(path: str, *, backbone_only: bool = False) -> tuple[dict, dict]:
-  """`(state, metadata)` of a converted checkpoint; `state` is a pure dict of NumPy arrays shaped
-  like `nnx.to_pure_dict(nnx.state(model))`, or like `nnx.state(model.backbone)` with
-  `backbone_only=True` (which also reads full RetinaNet checkpoints)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  path = os.path.abspath(path)
-  metadata = load_metadata(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(os.path.join(path, "state"))
-  state = nnx.restore_int_paths(state)
-  state = {k: v for k, v in state.items()}
-  if backbone_only:
-    return _to_numpy(state["backbone"]), metadata
-  if metadata["kind"] == "backbone":
-    raise ValueError(f"{path} holds a backbone only; pass backbone_only=True")
-  return _to_numpy(state), metadata
-
-
-def _to_numpy(tree):
-  return traverse_util.unflatten_dict(
-      {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
+  return ModelDescription(
+      kind="backbone" if backbone else "retinanet", model=config, anchors=anchor_config,
+      input_convention=input_convention,
+      label_map=None if backbone else label_map_for(source, class_mapping, config.num_classes),
+      source={"format": source, "file": os.path.basename(source_file),
+              "class_mapping": class_mapping})
 
 
 def load_into(module: nnx.Module, state: dict) -> None:
@@ -464,21 +403,11 @@ def load_into(module: nnx.Module, state: dict) -> None:
   nnx.update(module, model_state)
 
 
-def restore_model(path: str, **config_overrides) -> tuple[retinanet_lib.RetinaNet, dict]:
-  """`(model, metadata)` from a converted RetinaNet checkpoint; `config_overrides` replace fields of
-  the stored model config (e.g. `dtype='bfloat16'`)."""
-  state, metadata = load_converted(path)
-  config = dataclasses.replace(retinanet_lib.RetinaNetConfig.from_mapping(metadata["model"]),
-                               **config_overrides)
-  model = nnx.eval_shape(lambda: retinanet_lib.build_model(config, rngs=nnx.Rngs(0)))
-  load_into(model, state)
-  return model, metadata
-
-
 def convert(source_file: str, output_dir: str, *, source: str, backbone: str = "resnet50",
             class_mapping: str = "keep", anchor_config: anchor_lib.AnchorConfig | None = None,
-            **config_overrides) -> dict:
-  """Converts `source_file` to a checkpoint directory `output_dir`; returns its metadata.
+            **config_overrides) -> ModelDescription:
+  """Converts `source_file` to a model directory `output_dir` (`checkpoints.save_model`: `model/`
+  and `description.json`, read back by `checkpoints.load_model`); returns its description.
 
   `config_overrides` replace fields of the source's model config (`source_defaults`), e.g.
   `norm_epsilon=1e-5` or `freeze_at=0`.
@@ -492,8 +421,9 @@ def convert(source_file: str, output_dir: str, *, source: str, backbone: str = "
   state = convert_state_dict(read_source_file(source_file), source=source, model_config=config,
                              class_mapping=class_mapping, num_scales=anchor_config.num_scales,
                              num_ratios=len(anchor_config.aspect_ratios))
-  metadata = make_metadata(source=source, source_file=source_file, model_config=config,
-                           input_convention=defaults["input_convention"],
-                           anchor_config=anchor_config, class_mapping=class_mapping)
-  save_converted(output_dir, state, metadata)
-  return metadata
+  description = describe_source(source=source, source_file=source_file, model_config=config,
+                                input_convention=defaults["input_convention"],
+                                anchor_config=anchor_config, class_mapping=class_mapping)
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.save_model(output_dir, state, description)
+  return description

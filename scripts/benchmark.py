@@ -32,13 +32,12 @@ import os
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # for docs/benchmarks.md
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from benchmarks import timing  # noqa: E402  (imports no JAX)
-from retinanet_jax import xla_flags  # noqa: E402  (imports no JAX)
+from benchmarks import timing  (imports no JAX)
+from retinanet_jax import xla_flags  (imports no JAX)
 
 FLAGS = flags.FLAGS
 DEFAULTS = timing.Options()

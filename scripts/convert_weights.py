@@ -15,20 +15,18 @@
     python scripts/convert_weights.py --source=detectron2 --backbone=resnet101 \
         --input=model_final_59f53c.pkl --output=weights/d2_r101
 
-The output directory holds the Orbax state and metadata.json (model config, input and anchor
-conventions, label map); see retinanet_jax/weights.py. torch is needed for .pth inputs only.
+The output directory holds the Orbax model state (`model/`) and description.json (architecture,
+anchors, input convention, label map with names), the same description a training run's checkpoints
+carry; scripts/evaluate.py and scripts/detect.py read it alone (retinanet_jax/checkpoints.py). torch is needed for .pth inputs only.
 """
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from retinanet_jax import weights  # noqa: E402
-from retinanet_jax.models import resnet  # noqa: E402
+from retinanet_jax import weights
+from retinanet_jax.models import resnet
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, weights.SOURCES, "Kind of checkpoint (retinanet_jax/weights.py).")
@@ -45,9 +43,10 @@ flags.mark_flags_as_required(["source", "input", "output"])
 def main(argv):
   del argv
   overrides = {} if FLAGS.norm_epsilon is None else {"norm_epsilon": FLAGS.norm_epsilon}
-  metadata = weights.convert(FLAGS.input, FLAGS.output, source=FLAGS.source, backbone=FLAGS.backbone,
-                             class_mapping=FLAGS.class_mapping, **overrides)
-  print(json.dumps({k: v for k, v in metadata.items() if k != "label_map"}, indent=2))
+  description = weights.convert(FLAGS.input, FLAGS.output, source=FLAGS.source,
+                                backbone=FLAGS.backbone, class_mapping=FLAGS.class_mapping,
+                                **overrides)
+  print(json.dumps({k: v for k, v in description.to_json().items() if k != "label_map"}, indent=2))
   print(f"wrote {FLAGS.output}")
 
 

@@ -15,25 +15,23 @@ at a time (a new size compiles once). Writes, in --output:
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (scripts/convert_weights.py).")
+flags.DEFINE_string("checkpoint", None, "Converted weights (scripts/convert_weights.py), a training "
+                    "workdir, or one step's folder.")
 flags.DEFINE_string("output", None, "Directory for the PNGs and JSON files.")
-flags.DEFINE_integer("min_size", 800, "Short side after resizing.")
-flags.DEFINE_integer("max_size", 1333, "Largest long side after resizing.")
-flags.DEFINE_integer("size_divisible", 32, "Pad height and width to a multiple of this.")
+flags.DEFINE_integer("min_size", 800, "Short side after resizing (default: the training run's "
+                     "evaluation size; 800 for converted weights).")
+flags.DEFINE_integer("max_size", 1333, "Largest long side after resizing (default: as --min_size; "
+                     "1333).")
+flags.DEFINE_integer("size_divisible", 32, "Pad height and width to a multiple of this (default: "
+                     "the run's pad multiple; 32).")
 flags.DEFINE_float("score_threshold", 0.05, "Keep detections scoring above this (torchvision: 0.05).")
 flags.DEFINE_integer("max_detections", 100, "Detections per image at most.")
 flags.DEFINE_float("draw_threshold", 0.5, "Draw detections scoring at least this.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-config_flags.DEFINE_config_file("config", None, "The training config, for a training run's "
-                                "checkpoint (its data section also sets the resize defaults).")
 flags.mark_flags_as_required(["checkpoint", "output"])
 
 
@@ -45,17 +43,6 @@ def read_image(path: str):
     return np.array(image.convert("RGB"))
 
 
-def find_label_map(checkpoint: str) -> str:
-  """The run's label_map.json: in the checkpoint folder or up to three folders above it."""
-  folder = os.path.abspath(checkpoint)
-  for _ in range(4):
-    candidate = os.path.join(folder, "label_map.json")
-    if os.path.isfile(candidate):
-      return candidate
-    folder = os.path.dirname(folder)
-  raise FileNotFoundError(f"no label_map.json in or above {checkpoint} (the training workdir has one)")
-
-
 def image_id_for(path: str, position: int) -> int:
   stem = os.path.splitext(os.path.basename(path))[0]
   return int(stem) if stem.isdigit() else position
@@ -63,33 +50,21 @@ def image_id_for(path: str, position: int) -> int:
 
 def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, max_size: int = 1333,
                  size_divisible: int = 32, score_threshold: float = 0.05, max_detections: int = 100,
-                 draw_threshold: float = 0.5, dtype: str = "float32", config=None) -> list[dict]:
+                 draw_threshold: float = 0.5, dtype: str = "float32") -> list[dict]:
   """Detects objects in the image files `paths`; writes PNGs and JSON to `output`; returns the COCO
-  results. `checkpoint` is a converted checkpoint, or (with `config`, the run's training config) a
-  training run's workdir or checkpoint folder."""
+  results. `checkpoint`: converted weights, a training run's workdir or one of its step folders
+  (`checkpoints.load_model`: the model description inside says everything)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from retinanet_jax import visualization, weights  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import checkpoints, visualization  # pylint: disable=import-outside-toplevel
   from retinanet_jax.models import preprocessing, retinanet  # pylint: disable=import-outside-toplevel
 
-  if config is None:
-    model, metadata = weights.restore_model(checkpoint, dtype=dtype)
-    anchor_config = weights.anchor_config_from_metadata(metadata)
-    category_ids = metadata["label_map"]["category_ids"]
-    names = metadata["label_map"]["names"]
-    convention = metadata["input_convention"]
-  else:  # a training run's checkpoint: the config gives the network, the run its label map
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from retinanet_jax import evaluate  # pylint: disable=import-outside-toplevel
-    from retinanet_jax.data import load_label_map  # pylint: disable=import-outside-toplevel
-
-    loaded = evaluate.load_model(config, checkpoint,
-                                 label_map=load_label_map(find_label_map(checkpoint)))
-    model = nnx.merge(loaded.graphdef, loaded.params, loaded.rest)
-    anchor_config, category_ids, names = loaded.anchor_config, loaded.category_ids, loaded.names
-    convention = loaded.input_convention
+  loaded = checkpoints.load_model(checkpoint, dtype=dtype)
+  model = loaded.module()
+  description = loaded.description
+  anchor_config, convention = description.anchors, description.input_convention
+  category_ids, names = description.label_map.category_ids, description.label_map.names
   os.makedirs(output, exist_ok=True)
   results, images_info = [], []
   for position, path in enumerate(paths):
@@ -130,12 +105,13 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one image file")
   sizes = dict(min_size=FLAGS.min_size, max_size=FLAGS.max_size, size_divisible=FLAGS.size_divisible)
-  config = FLAGS.config
-  if config is not None:  # the training geometry, unless given on the command line
-    defaults = dict(min_size=config.data.eval_min_size, max_size=config.data.max_size,
-                    size_divisible=config.data.pad_multiple)
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  geometry = checkpoints.locate(FLAGS.checkpoint).description.geometry
+  if geometry is not None:  # a training run: its evaluation geometry, unless given here
+    defaults = dict(min_size=geometry.min_size, max_size=geometry.max_size,
+                    size_divisible=geometry.pad_multiple)
     sizes = {k: v if FLAGS[k].present else defaults[k] for k, v in sizes.items()}
-  detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, config=config, **sizes,
+  detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
                score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
                draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype)
 

@@ -1,37 +1,40 @@
-"""COCO evaluation of a trained or converted RetinaNet on a config's evaluation split.
+"""COCO evaluation of a saved RetinaNet: a training run, one of its steps, or converted weights.
 
-    python scripts/evaluate.py --config=configs/r50_fpn.py --checkpoint=runs/r50
-    python scripts/evaluate.py --config=configs/r50_fpn.py --checkpoint=weights/tv_v1  # converted
+    python scripts/evaluate.py --checkpoint=runs/r50                    # the run's own eval split
+    python scripts/evaluate.py --checkpoint=runs/r50/checkpoints/45000  # one step
+    python scripts/evaluate.py --checkpoint=weights/tv_v1 --config=configs/r50_fpn.py  # converted
 
-A converted torchvision checkpoint brings its own network, anchors, normalization and class ids; the
-config then only chooses the data (e.g. --config.data.eval_split=validation) and the eval settings.
+The network, anchors, input normalization and class -> category-id map come from the checkpoint's
+model description (retinanet_jax/checkpoints.py). The data and evaluation settings come from
+--config when given, else from the training run's `config.json` (converted weights have none, so
+they need --config: it chooses the dataset, e.g. --config.data.eval_split=validation[:500]).
 """
 
-import os
-import sys
+from __future__ import annotations
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from retinanet_jax import xla_flags  # noqa: E402  (imports no JAX)
+from retinanet_jax import xla_flags  # (imports no JAX)
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]) choosing the "
+                                "data and evaluation settings; default: the run's config.json.",
                                 lock_config=True)
-flags.DEFINE_string("checkpoint", None, "Training workdir / checkpoint step folder, or a converted "
-                    "checkpoint directory.")
-flags.DEFINE_string("output", None, "Where to write eval_<step>.json (default: no file).")
-flags.mark_flags_as_required(["config", "checkpoint"])
+flags.DEFINE_string("checkpoint", None, "Training workdir, one step's folder, or converted weights.")
+flags.DEFINE_string("output", None, "Where to write eval_<step|converted>.json (default: no file).")
+flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  xla_flags.apply_xla_flags(FLAGS.config.get("xla_flags_cpu", ""))  # a flag already set wins
-  from retinanet_jax import evaluate, evaluation  # pylint: disable=import-outside-toplevel
-  metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint, output_dir=FLAGS.output)
+  flags_cpu = FLAGS.config.runtime.xla_flags_cpu if FLAGS.config is not None else None
+  xla_flags.apply_xla_flags(" ".join(xla_flags.CPU_FLAGS) if flags_cpu is None else flags_cpu)
+  from retinanet_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  metrics = evaluator.evaluate_saved_model(FLAGS.checkpoint, config=FLAGS.config,
+                                           output_dir=FLAGS.output)
   print(evaluation.format_table(metrics))
 
 

@@ -22,12 +22,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-from retinanet_jax.data import coco_format, config as config_lib, sources, synthetic  # noqa: E402
+from retinanet_jax.data import coco_format, config as config_lib, sources, synthetic
 
 _ANNOTATIONS = flags.DEFINE_multi_string(
     "annotations", [], "COCO-format JSON: PATH (split 'train') or SPLIT=PATH, repeatable.")

@@ -14,14 +14,11 @@ Killed runs: rerun the same command; it continues from the last complete checkpo
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from retinanet_jax import xla_flags  # noqa: E402  (imports no JAX)
+from retinanet_jax import xla_flags  # (imports no JAX)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -73,19 +70,24 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  xla_flags.apply_xla_flags(config.get("xla_flags_cpu", ""))  # a flag already in $XLA_FLAGS wins
+  runtime = FLAGS.config.runtime
+  xla_flags.apply_xla_flags(runtime.xla_flags_cpu)  # before JAX starts; a flag in $XLA_FLAGS wins
+  from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  try:  # every problem of the config at once, before anything is compiled
+    config = config_lib.Config.from_config_dict(FLAGS.config)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")  # tf.data only: keep TensorFlow off the accelerators
   initialize_distributed()
-  cache_dir = xla_flags.compilation_cache_dir(config.get("compilation_cache_dir", ""),
+  cache_dir = xla_flags.compilation_cache_dir(config.runtime.compilation_cache_dir,
                                             workdir=FLAGS.workdir)
   if cache_dir:
     xla_flags.enable_compilation_cache(cache_dir)
     logging.info("Persistent compilation cache: %s", cache_dir)
   from retinanet_jax import train  # pylint: disable=import-outside-toplevel
-  logging.info("Config:\n%s", config)
+  logging.info("Config:\n%s", FLAGS.config)
   summary = train.train_and_evaluate(config, FLAGS.workdir)
   logging.info("Done: %s", summary)
 

@@ -1,36 +1,41 @@
-"""Every config builds into a valid model config, anchor config, data geometry and optimizer."""
+"""Every config file builds into a valid typed config; the typed config rejects every bad value
+before anything is compiled, naming the field, the value and the allowed values, all in one pass."""
 
+import dataclasses
 import importlib
+import json
+import os
+import typing
 
 import pytest
 
-from retinanet_jax import train
+from retinanet_jax import config as config_lib
+from retinanet_jax import optimizer, train_state
 from retinanet_jax.data import transforms
-from retinanet_jax.models import retinanet
 
 CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("variant", [None, "smoke"])
 def test_config_is_valid(name, variant):
-  config = importlib.import_module(f"configs.{name}").get_config(variant)
-  retinanet.RetinaNetConfig.from_mapping(config.model)
-  anchors = train.anchor_config(config)
+  config = config_lib.Config.from_config_dict(
+      importlib.import_module(f"configs.{name}").get_config(variant))
+  assert config.model.num_anchors == config.anchors.num_per_location == 9
   geometry = transforms.TransformConfig.from_data_config(config.data)
   h, w = transforms.padded_hw(geometry)
   assert h % 32 == 0 and w % 32 == 0
-  train.make_optimizer(config.train)
-  schedule = train.learning_rate_schedule(config.train)
+  optimizer.make_optimizer(config.train)
+  schedule = optimizer.learning_rate_schedule(config.train)
   lr = config.train.base_lr * config.train.batch_size / 16
   assert float(schedule(config.train.warmup_steps)) == pytest.approx(lr, rel=1e-3)
-  assert anchors.num_per_location == 9
 
 
 def test_paper_settings_in_the_base_config():
-  c = importlib.import_module("configs.r50_fpn").get_config()
+  c = config_lib.Config.from_config_dict(importlib.import_module("configs.r50_fpn").get_config())
   assert (c.loss.alpha, c.loss.gamma) == (0.25, 2.0)
-  assert (c.loss.positive_threshold, c.loss.negative_threshold) == (0.5, 0.4)
+  assert (c.matching.positive_threshold, c.matching.negative_threshold) == (0.5, 0.4)
   assert (c.train.batch_size, c.train.base_lr, c.train.steps) == (16, 0.01, 90_000)
   assert tuple(c.train.decay_steps) == (60_000, 80_000)
   assert (c.data.train_min_size_range, c.data.max_size) == ((800, 800), 1333)
@@ -41,3 +46,83 @@ def test_paper_settings_in_the_base_config():
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="variant"):
     importlib.import_module("configs.r50_fpn").get_config("huge")
+
+
+def _choice_fields(cls, prefix=""):
+  """`(path, allowed values)` of every field with choices, in `cls` and its nested sections."""
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[field.name]):
+      yield from _choice_fields(hints[field.name], f"{prefix}{field.name}.")
+    elif field.metadata.get("choices") is not None:
+      yield f"{prefix}{field.name}", tuple(field.metadata["choices"])
+
+
+CHOICE_FIELDS = list(_choice_fields(config_lib.Config))
+
+
+def test_the_enum_fields_are_all_found():
+  names = {path for path, _ in CHOICE_FIELDS}
+  assert {"loss.normalizer", "loss.box_loss", "anchors.convention", "matching.low_quality",
+          "train.optimizer", "train.schedule", "data.mode", "model.backbone", "model.norm",
+          "model.p6_input", "model.head_norm", "model.dtype", "runtime.conv_kernel_gradient",
+          "runtime.donate_state", "runtime.grad_reduction", "init_mode",
+          "input_convention"} <= names
+
+
+@pytest.mark.parametrize("path, allowed", CHOICE_FIELDS, ids=[p for p, _ in CHOICE_FIELDS])
+def test_every_enum_field_rejects_a_wrong_value_by_name(path, allowed):
+  c = config_lib.default_config()
+  *sections, leaf = path.split(".")
+  node = c
+  for s in sections:
+    node = node[s]
+  node[leaf] = "Bogus"
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.Config.from_config_dict(c)
+  assert error.value.problems == [f"{path}: 'Bogus' is not one of {allowed}"]
+
+
+def test_every_problem_is_reported_in_one_pass():
+  c = config_lib.default_config()
+  c.loss.normalizer, c.loss.box_loss, c.anchors.convention = "EMA", "giou2", "tv"
+  c.train.optimiser = "sgd"  # a misspelt field
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.Config.from_config_dict(c)
+  message = str(error.value)
+  for expected in ("loss.normalizer: 'EMA' is not one of ('batch', 'ema')",
+                   "loss.box_loss: 'giou2' is not one of ('l1', 'smooth_l1', 'huber', 'giou')",
+                   "anchors.convention: 'tv' is not one of ('torchvision', 'detectron2', 'tf')",
+                   "train.optimiser: unknown field"):
+    assert expected in message
+  assert len(error.value.problems) == 4
+
+
+def test_inconsistent_values_and_derived_fields_are_rejected_with_the_section():
+  c = config_lib.default_config()
+  c.matching.negative_threshold = 0.7
+  with pytest.raises(config_lib.ConfigError, match=r"matching: need 0 <= negative_threshold"):
+    config_lib.Config.from_config_dict(c)
+  c = config_lib.default_config()
+  c.model.num_anchors = 9
+  with pytest.raises(config_lib.ConfigError, match="model.num_anchors: derived"):
+    config_lib.Config.from_config_dict(c)
+
+
+def test_runtime_choices_are_not_architecture_and_never_persisted():
+  c = config_lib.Config.from_config_dict(config_lib.default_config())
+  assert "runtime" not in c.to_json()
+  assert "conv_kernel_gradient" not in c.to_json()["model"]
+  assert "conv_kernel_gradient" not in json.dumps(train_state.describe(
+      c, _coco_labels()).to_json())
+  assert config_lib.Config.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+def _coco_labels():
+  from retinanet_jax.data import labels  # pylint: disable=import-outside-toplevel
+  return labels.COCO_LABEL_MAP
+
+
+def test_config_files_load_by_path_with_a_variant():
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":smoke")
+  assert c.train.steps == 3 and c.model.backbone == "resnet18"

@@ -1,4 +1,4 @@
-"""Guards that keep a run alive, through `train_and_evaluate` and train.py's `evaluate`.
+"""Guards that keep a run alive, through `train_and_evaluate` and the `Evaluator`.
 
 Training on a dataset made of what breaks detectors: images without annotations (batches with no
 valid box), images whose boxes are all crowd, images that a transform turns to NaN. The run goes on
@@ -9,6 +9,7 @@ detections at all, a category without ground truth, and images (or a whole split
 annotations.
 """
 
+import dataclasses
 import io
 import json
 import math
@@ -20,13 +21,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
-from flax import nnx
 from PIL import Image
 
 from configs import synthetic
-from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import config as config_lib
 from retinanet_jax import data as data_lib
-from retinanet_jax import evaluation, train
+from retinanet_jax import evaluation, train, train_state
+from retinanet_jax.evaluation import evaluator as evaluator_lib
 from retinanet_jax.data import coco_format, transforms
 
 SIZE = 64
@@ -215,8 +216,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_only_finit
       os.path.join(workdir, "log.txt")).read()
   for s in steps:
     with ocp.StandardCheckpointer() as ckpt:
-      saved = ckpt.restore(os.path.join(workdir, "checkpoints", str(s), "default"))
-    assert int(saved["nonfinite_step"]) == -1
+      saved = {item: ckpt.restore(os.path.join(workdir, "checkpoints", str(s), item))
+               for item in ("model", "optimizer")}
+    assert int(saved["optimizer"]["nonfinite_step"]) == -1
     for leaf in jax.tree.leaves(saved):
       assert np.all(np.isfinite(np.asarray(leaf, np.float64))), s
 
@@ -242,24 +244,21 @@ def blind_model(data_dir):
   """A fresh model and an eval step whose score threshold no score reaches: no detections."""
   config = guard_config(data_dir)
   config.eval.score_threshold = 1.01
-  mesh = train.make_mesh()
-  model = train.create_model(config, seed=0)
-  _, state = train.initial_state(model, train.make_optimizer(config.train), config)
-  model.eval()
-  anchor_set = anchor_lib.generate_anchors((SIZE, SIZE), config=train.anchor_config(config))
-  eval_fn = train.compile_eval_step(nnx.graphdef(model), anchor_set, config, mesh)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return config, mesh, eval_fn, state
+  config.eval.batch_size = 4
+  config = config_lib.Config.from_config_dict(config)
+  mesh = train_state.make_mesh()
+  setup = train_state.create_train_state(config, mesh)
+  description = train_state.describe(config, data_lib.label_map(config.data))
+  return config, mesh, setup, description
 
 
 def _evaluate(blind_model, split):
-  config, mesh, eval_fn, state = blind_model
-  data = config.data.copy_and_resolve_references()
-  data.eval_split = split
-  eval_input = data_lib.make_eval_input(data, global_batch_size=4, mesh=mesh)
-  return train.evaluate(eval_fn, state.params, state.rest, eval_input,
-                        ground_truth=data_lib.coco_ground_truth(data),
-                        category_ids=data_lib.label_map(data).category_ids)
+  config, mesh, setup, description = blind_model
+  data = dataclasses.replace(config.data, eval_split=split)
+  evaluator = evaluator_lib.Evaluator.for_data(data, eval_config=config.eval,
+                                               graphdef=setup.eval_graphdef,
+                                               description=description, mesh=mesh)
+  return evaluator.run(setup.state.params, setup.state.rest)
 
 
 def test_evaluation_without_any_detection_gives_zeros(blind_model):

@@ -15,6 +15,7 @@ from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import labeling
 from retinanet_jax import losses
 
 
@@ -187,32 +188,54 @@ def torchvision_loss_sums(anchors, logits, deltas, gt, labels, mask, loss_type):
   return np.array(out, np.float64)
 
 
+def targets_of(anchors, gt, labels, mask, crowd=None):
+  return labeling.label_anchors(anchors, gt, labels, mask, gt_is_crowd=crowd)
+
+
 @pytest.mark.parametrize("box_loss", ["l1", "giou"])
 def test_retinanet_loss_matches_torchvision(box_loss):
   anchors, logits, deltas, gt, labels, mask = make_problem(5)
-  fn = jax.jit(functools.partial(losses.retinanet_loss, box_loss=box_loss))
-  out = fn(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels, gt_mask=mask)
+  fn = jax.jit(lambda x, d, g, l, m: losses.retinanet_loss(
+      x, d, targets_of(anchors, g, l, m), anchors=anchors, box_loss=box_loss))
+  out = fn(logits, deltas, gt, labels, mask)
   sums = torchvision_loss_sums(anchors, logits, deltas, gt, labels, mask, box_loss)
   total_pos = sums[:, 2].sum()
   assert float(out.num_positives) == total_pos > 0
-  # Global normalization: batch sums over batch positives (torchvision normalizes each image).
+  # Batch normalization: batch sums over batch positives (torchvision normalizes each image).
   np.testing.assert_allclose(out.cls_loss, sums[:, 0].sum() / total_pos, rtol=1e-5)
   np.testing.assert_allclose(out.box_loss, sums[:, 1].sum() / total_pos, rtol=1e-5)
   np.testing.assert_allclose(out.loss, out.cls_loss + out.box_loss, rtol=1e-6)
   # One image: exactly torchvision's loss.
-  single = fn(logits[:1], deltas[:1], anchors=anchors, gt_boxes=gt[:1], gt_labels=labels[:1],
-              gt_mask=mask[:1])
+  single = fn(logits[:1], deltas[:1], gt[:1], labels[:1], mask[:1])
   np.testing.assert_allclose([single.cls_loss, single.box_loss], sums[0, :2] / sums[0, 2], rtol=1e-5)
+  # The unnormalized sums are torchvision's per-image sums added up.
+  raw = jax.jit(lambda x, d, g, l, m: losses.retinanet_losses(
+      x, d, targets_of(anchors, g, l, m), anchors=anchors, box_loss=box_loss))(
+          logits, deltas, gt, labels, mask)
+  np.testing.assert_allclose([raw.cls, raw.box], sums[:, :2].sum(0), rtol=1e-5)
+
+
+def test_label_anchors_golden():
+  """Two anchors, one box: the first is a positive of its class with the box as target, the
+  second (IoU 0) background with the unit box."""
+  anchors = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+  gt = np.array([[[0, 0, 10, 10], [0, 0, 1, 1]]], np.float32)
+  out = jax.jit(labeling.label_anchors)(anchors, gt, np.array([[3, 1]], np.int32),
+                                        np.array([[True, False]]))
+  np.testing.assert_array_equal(out.labels, [[3, labeling.BACKGROUND]])
+  np.testing.assert_array_equal(out.positive, [[True, False]])
+  np.testing.assert_array_equal(out.matched_boxes, [[[0, 0, 10, 10], labeling.UNIT_BOX]])
+  assert float(out.num_positives) == 1.0
 
 
 def test_retinanet_loss_edge_cases_are_finite():
   anchors, logits, deltas, gt, labels, mask = make_problem(6)
-  fn = jax.jit(losses.retinanet_loss)
+  fn = jax.jit(lambda x, d, m: losses.retinanet_loss(x, d, targets_of(anchors, gt, labels, m),
+                                                      anchors=anchors))
   grad = jax.jit(jax.grad(lambda x, d, m, c, g: losses.retinanet_loss(
-      x, d, anchors=anchors, gt_boxes=g, gt_labels=labels, gt_mask=m, gt_is_crowd=c).loss,
-      argnums=(0, 1)))
+      x, d, targets_of(anchors, g, labels, m, c), anchors=anchors).loss, argnums=(0, 1)))
   empty = np.zeros_like(mask)
-  out = fn(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels, gt_mask=empty)
+  out = fn(logits, deltas, empty)
   assert float(out.box_loss) == 0.0 and float(out.num_positives) == 0 and np.isfinite(out.cls_loss)
   crowd = mask.copy()
   zero_area = gt.copy()
@@ -222,49 +245,15 @@ def test_retinanet_loss_edge_cases_are_finite():
       assert np.all(np.isfinite(x))
 
 
-def test_normalizer_ema():
-  anchors, logits, deltas, gt, labels, mask = make_problem(7)
-  out = jax.jit(losses.retinanet_loss)(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels,
-                                       gt_mask=mask, normalizer_state=jnp.float32(100.0))
-  n = float(out.num_positives)
-  np.testing.assert_allclose(out.normalizer, 0.9 * 100 + 0.1 * n, rtol=1e-6)
-  np.testing.assert_allclose(out.normalizer_state, out.normalizer)
-  plain = losses.retinanet_loss(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels,
-                                gt_mask=mask)
-  np.testing.assert_allclose(out.cls_loss * out.normalizer, plain.cls_loss * n, rtol=1e-5)
-
-
-def test_global_normalization_across_devices():
-  devices = jax.devices()[:2]
-  assert len(devices) == 2, "tests/conftest.py asks XLA for 4 host devices"
-  mesh = jax.make_mesh((2,), ("data",), devices=devices)
-  anchors, logits, deltas, gt, labels, mask = make_problem(8, batch=4)
-  mask[2, :3] = True
-  mask[3, :1] = True
-
-  def per_device(x, d, g, l, m):
-    out = losses.retinanet_loss(x, d, anchors=anchors, gt_boxes=g, gt_labels=l, gt_mask=m,
-                                axis_name="data")
-    return jax.lax.pmean(out.loss, "data"), out.num_positives
-
-  spec = P("data")
-  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec,) * 5, out_specs=(P(), P())))
-  args = [jax.device_put(a, NamedSharding(mesh, spec)) for a in (logits, deltas, gt, labels, mask)]
-  loss, num_pos = fn(*args)
-  whole = losses.retinanet_loss(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels,
-                                gt_mask=mask)
-  np.testing.assert_allclose(loss, whole.loss, rtol=1e-5)
-  assert float(num_pos) == float(whole.num_positives)
-
-
 def test_bad_input_raises():
   anchors, logits, deltas, gt, labels, mask = make_problem(9)
+  targets = targets_of(anchors, gt, labels, mask)
   with pytest.raises(ValueError, match="box_loss"):
-    losses.retinanet_loss(logits, deltas, anchors=anchors, gt_boxes=gt, gt_labels=labels,
-                          gt_mask=mask, box_loss="l2")
+    losses.retinanet_loss(logits, deltas, targets, anchors=anchors, box_loss="l2")
   with pytest.raises(ValueError, match=r"box_deltas must be \[B, A, 4\]"):
-    losses.retinanet_loss(logits, deltas[:, :10], anchors=anchors, gt_boxes=gt, gt_labels=labels,
-                          gt_mask=mask)
+    losses.retinanet_loss(logits, deltas[:, :10], targets, anchors=anchors)
+  with pytest.raises(ValueError, match=r"gt_boxes must be \[B, M, 4\]"):
+    labeling.label_anchors(anchors, gt[0], labels, mask)
   with pytest.raises(ValueError, match="alpha"):
     losses.sigmoid_focal_loss(logits, logits, alpha=1.5)
   with pytest.raises(ValueError, match="same shape|one shape"):

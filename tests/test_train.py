@@ -1,5 +1,5 @@
-"""The training loop: multi-device equivalence, a step on mock COCO, a short run that learns, resume,
-and the non-finite guard."""
+"""The training loop: a step on mock COCO, a short run that learns (then evaluated and run on image
+files from its workdir alone), resume, and the non-finite guard. The step itself: test_train_step.py."""
 
 import os
 
@@ -8,15 +8,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import r50_fpn, synthetic
-from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import checkpoints
 from retinanet_jax import data as train_lib_data
-from retinanet_jax import evaluate
 from retinanet_jax import train
 from scripts import detect as detect_script
+from retinanet_jax.evaluation import evaluator
 
 SIZE = 64
 
@@ -47,94 +45,6 @@ def tiny_synthetic(tmp_path, **train_overrides):
   for k, v in train_overrides.items():
     c.train[k] = v
   return c
-
-
-def random_batch(rng, batch, size, slots=5, num_classes=6):
-  xy = rng.uniform(0, size * 0.6, (batch, slots, 2))
-  boxes = np.concatenate([xy, xy + rng.uniform(8, size * 0.4, (batch, slots, 2))], -1)
-  mask = rng.uniform(size=(batch, slots)) < 0.7
-  return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-          "image_hw": np.full((batch, 2), size, np.int32),
-          "boxes": boxes.astype(np.float32), "labels": rng.integers(0, num_classes, (batch, slots)).astype(np.int32),
-          "box_mask": mask, "is_crowd": np.zeros((batch, slots), bool)}
-
-
-def test_step_on_four_devices_equals_one_device():
-  # sync_bn: batch statistics must be global across devices too. SGD, the paper's optimizer (Adam's
-  # per-coordinate normalization turns reduction-order noise in near-zero gradients into full steps).
-  config = tiny(synthetic.get_config())
-  config.model.norm = "sync_bn"
-  config.train.optimizer = "sgd"
-  config.train.base_lr = 0.02
-  config.train.warmup_steps = 0
-  anchors = anchor_lib.generate_anchors((SIZE, SIZE), config=train.anchor_config(config)).boxes
-  rng = np.random.default_rng(0)
-  batches = [random_batch(rng, 8, SIZE) for _ in range(2)]
-  results = []
-  for devices, reduction in ((jax.devices()[:1], "psum"), (jax.devices()[:4], "psum"),
-                             (jax.devices()[:4], "ordered")):
-    config.train.grad_reduction = reduction
-    mesh = train.make_mesh(devices)
-    tx = train.make_optimizer(config.train)
-    graphdef, state = train.initial_state(train.create_model(config, seed=0), tx, config)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    step = train.compile_train_step(graphdef, tx, anchors, config, mesh,
-                                    train.learning_rate_schedule(config.train))
-    losses = []
-    for b in batches:
-      state, metrics = step(state, jax.device_put(b, NamedSharding(mesh, P("data"))))
-      losses.append(float(metrics["loss"]))
-    results.append((losses, jax.device_get(state.params), jax.device_get(state.rest)))
-  (l1, p1, r1) = results[0]
-  for l4, p4, r4 in results[1:]:
-    np.testing.assert_allclose(l4, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p4) + jax.tree.leaves(r4),
-                    jax.tree.leaves(p1) + jax.tree.leaves(r1)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_unknown_grad_reduction_is_named():
-  config = tiny(synthetic.get_config())
-  config.train.grad_reduction = "tree"
-  with pytest.raises(ValueError, match="train.grad_reduction must be one of"):
-    train.compile_train_step(None, None, None, config, None, None)
-
-
-@pytest.mark.parametrize("mode, donated", [("auto", False), ("always", True), ("never", False)])
-def test_donate_state(mode, donated):
-  """'auto' does not donate on the CPU (train.donates_state); only 'always' consumes the input
-  state, and every mode takes a real step."""
-  config = tiny(synthetic.get_config())
-  config.train.donate_state = mode
-  config.train.warmup_steps = 0
-  anchors = anchor_lib.generate_anchors((SIZE, SIZE), config=train.anchor_config(config)).boxes
-  mesh = train.make_mesh(jax.devices()[:1])
-  tx = train.make_optimizer(config.train)
-  graphdef, state = train.initial_state(train.create_model(config, seed=0), tx, config)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  # Host copies (jax.device_get can share the CPU buffer, and a shared buffer cannot be donated).
-  expected = jax.tree.map(lambda x: np.array(x, copy=True), state.params)
-  assert train.donates_state(config, mesh) == donated
-  step = train.compile_train_step(graphdef, tx, anchors, config, mesh,
-                                  train.learning_rate_schedule(config.train))
-  batch = jax.device_put(random_batch(np.random.default_rng(0), 2, SIZE), NamedSharding(mesh, P("data")))
-  new_state, _ = step(state, batch)
-  leaves = jax.tree.leaves(state.params)
-  assert all(x.is_deleted() for x in leaves) == donated
-  if not donated:  # the input state is intact
-    for a, b in zip(leaves, jax.tree.leaves(expected)):
-      np.testing.assert_array_equal(a, b)
-  assert int(new_state.step) == 1
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
-                                                        jax.tree.leaves(expected))]
-  assert sum(changed) > len(changed) // 2
-
-
-def test_unknown_donate_state_is_named():
-  config = tiny(synthetic.get_config())
-  config.train.donate_state = "sometimes"
-  with pytest.raises(ValueError, match="train.donate_state must be one of"):
-    train.donates_state(config, train.make_mesh(jax.devices()[:1]))
 
 
 def _mock_coco_records():
@@ -186,14 +96,14 @@ def test_checkpoints_start_by_removing_unfinished_saves(tmp_path):
   """A killed save leaves Orbax's temporary folder; it is deleted (synchronously) before the
   manager exists, and the committed checkpoint before it is the latest."""
   directory = tmp_path / "checkpoints"
-  with ocp.CheckpointManager(directory) as manager:
-    manager.save(2, args=ocp.args.StandardSave({"w": np.arange(3.0)}))
+  with ocp.CheckpointManager(directory, item_names=("model",)) as manager:
+    manager.save(2, args=ocp.args.Composite(model=ocp.args.StandardSave({"w": np.arange(3.0)})))
   unfinished = directory / "3.orbax-checkpoint-tmp-1795436005123456"
   unfinished.mkdir()
   (unfinished / "partial").write_text("cut off")
-  checkpoints = train.Checkpoints(str(tmp_path), keep=2)
+  manager = checkpoints.Checkpoints(str(tmp_path), keep=2)
   assert sorted(os.listdir(directory)) == ["2"]
-  assert checkpoints.latest_step() == 2
+  assert manager.latest_step() == 2
 
 
 def test_short_synthetic_run_learns(tmp_path):
@@ -207,26 +117,29 @@ def test_short_synthetic_run_learns(tmp_path):
   assert losses[-1] < 0.7 * losses[0], losses
   assert summary["metrics"]["AP50"] > 0, summary["metrics"]
   assert os.path.isfile(workdir / "detections_60.png") and os.path.isfile(workdir / "label_map.json")
-  # scripts/evaluate.py's path restores the checkpoint and gets the same numbers.
-  again = evaluate.evaluate_checkpoint(config, str(workdir), output_dir=str(tmp_path / "eval"))
+  # scripts/evaluate.py on the workdir alone (no config: the run's config.json gives the data, the
+  # checkpoint's description the model) restores the model item only and gets the same numbers.
+  again = evaluator.evaluate_saved_model(str(workdir), output_dir=str(tmp_path / "eval"))
   assert again == pytest.approx(summary["metrics"], abs=1e-6)
   assert os.path.isfile(tmp_path / "eval" / "eval_60.json")
-  # scripts/detect.py on a training checkpoint (the config gives the network and the geometry).
+  loaded = checkpoints.load_model(str(workdir / "checkpoints" / "60"))
+  assert loaded.step == 60 and loaded.description.label_map == train_lib_data.label_map(config.data)
+  # scripts/detect.py on the training workdir: no config either.
   from PIL import Image  # pylint: disable=import-outside-toplevel
   image_path = tmp_path / "one.png"
   batch = next(iter(train_lib_data.make_eval_input(config.data, global_batch_size=8,
                                                    mesh=None).numpy_batches()))
   Image.fromarray(batch["image"][0]).save(image_path)
   results = detect_script.detect_files([str(image_path)], checkpoint=str(workdir),
-                                       output=str(tmp_path / "detect"), config=config,
+                                       output=str(tmp_path / "detect"),
                                        min_size=SIZE, max_size=SIZE, size_divisible=64)
   assert os.path.isfile(tmp_path / "detect" / "one.png")
   assert all(r["category_id"] in train_lib_data.label_map(config.data).category_ids for r in results)
 
 
 def _restore_params(workdir, step):
-  with ocp.StandardCheckpointer() as ckpt:
-    return ckpt.restore(os.path.join(workdir, "checkpoints", str(step), "default"))["params"]
+  """The whole model state of checkpoint `step` (its `model` item), as NumPy."""
+  return checkpoints.read_model_state(os.path.join(workdir, "checkpoints", str(step)))[0]
 
 
 def test_resume_continues_exactly(tmp_path):

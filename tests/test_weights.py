@@ -18,7 +18,7 @@ from torchvision.models.detection.retinanet import RetinaNet as TorchRetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import weights
+from retinanet_jax import checkpoints, weights
 from retinanet_jax.models import preprocessing, retinanet, resnet
 
 forward = nnx.jit(lambda model, images: model(images))
@@ -273,12 +273,13 @@ def test_msra_backbone_conversion_round_trip(tmp_path):
   path = tmp_path / "R-50.pkl"
   with open(path, "wb") as f:
     pickle.dump({"blobs": blobs}, f)
-  metadata = weights.convert(str(path), str(tmp_path / "r50"), source="msra_backbone")
-  assert metadata["kind"] == "backbone" and metadata["input_convention"] == "caffe"
-  assert metadata["label_map"] is None and metadata["num_classes"] is None
-  assert metadata["model"]["stride_in_1x1"]
-  state, loaded_metadata = weights.load_converted(str(tmp_path / "r50"), backbone_only=True)
-  assert loaded_metadata == metadata
+  description = weights.convert(str(path), str(tmp_path / "r50"), source="msra_backbone")
+  assert description.kind == "backbone" and description.input_convention == "caffe"
+  assert description.label_map is None
+  assert description.model.stride_in_1x1
+  full, loaded_description = checkpoints.read_model_state(str(tmp_path / "r50"))
+  assert loaded_description == description and set(full) == {"backbone"}
+  state = full["backbone"]
   np.testing.assert_array_equal(state["res2"][0]["shortcut"]["conv"]["kernel"],
                                 blobs["res2_0_branch1_w"].transpose(2, 3, 1, 0))
   # Folded caffe2 batch norm: the frozen norm is exactly y = x * s + b.
@@ -288,12 +289,12 @@ def test_msra_backbone_conversion_round_trip(tmp_path):
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 64))
   np.testing.assert_allclose(jax.jit(lambda x: norm(x))(x),  # pylint: disable=unnecessary-lambda
                              x * blobs["res_conv1_bn_s"] + blobs["res_conv1_bn_b"], rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="holds a backbone only"):
-    weights.load_converted(str(tmp_path / "r50"))
+  with pytest.raises(checkpoints.CheckpointError, match="holds a backbone only"):
+    checkpoints.load_model(str(tmp_path / "r50"))
 
 
 # ------------------------------------------------------------------------------------------------
-# torchvision: .pth file -> convert() -> checkpoint directory -> restore_model(), vs torchvision.
+# torchvision: .pth file -> convert() -> checkpoint directory -> checkpoints.load_model(), vs torchvision.
 
 
 def small_torchvision_retinanet():
@@ -314,16 +315,16 @@ def test_torchvision_checkpoint_end_to_end(tmp_path):
   reference = small_torchvision_retinanet()
   path = str(tmp_path / "retinanet_r18.pth")
   torch.save(reference.state_dict(), path)
-  metadata = weights.convert(path, str(tmp_path / "converted"), source="torchvision_v1",
-                             backbone="resnet18", norm_epsilon=1e-5)
-  with open(tmp_path / "converted" / "metadata.json") as f:
-    assert json.load(f) == metadata
-  assert metadata["kind"] == "retinanet" and metadata["num_classes"] == 91
-  assert metadata["anchors"]["convention"] == "torchvision"
-  assert metadata["label_map"]["names"][1] == "person" and metadata["label_map"]["category_ids"][1] == 1
-  assert os.path.isdir(tmp_path / "converted" / "state")
+  description = weights.convert(path, str(tmp_path / "converted"), source="torchvision_v1",
+                                backbone="resnet18", norm_epsilon=1e-5)
+  with open(tmp_path / "converted" / "description.json") as f:
+    assert json.load(f) == description.to_json()
+  assert description.kind == "retinanet" and description.model.num_classes == 91
+  assert description.anchors.convention == "torchvision"
+  assert description.label_map.names[1] == "person" and description.label_map.category_ids[1] == 1
+  assert os.path.isdir(tmp_path / "converted" / "model")
 
-  model, _ = weights.restore_model(str(tmp_path / "converted"))
+  model = checkpoints.load_model(str(tmp_path / "converted")).module()
   assert model.config.backbone == "resnet18" and model.config.p6_input == "p5"
   image = np.random.default_rng(0).integers(0, 256, (1, 83, 97, 3), dtype=np.uint8)
   batch, image_hw = preprocessing.batch_images(list(image), dtype=np.uint8)
@@ -336,7 +337,7 @@ def test_torchvision_checkpoint_end_to_end(tmp_path):
   np.testing.assert_allclose(deltas, expected["bbox_regression"].numpy(), atol=1e-4)
 
   # The backbone of a whole-model checkpoint loads into a model with other norms and freezing.
-  backbone_state, _ = weights.load_converted(str(tmp_path / "converted"), backbone_only=True)
+  backbone_state = checkpoints.read_model_state(str(tmp_path / "converted"))[0]["backbone"]
   other = nnx.eval_shape(lambda: retinanet.build_model(dict(backbone="resnet18", norm="sync_bn",
                                                            freeze_at=0), rngs=nnx.Rngs(1)))
   weights.load_into(other.backbone, backbone_state)
@@ -358,7 +359,7 @@ def test_coco80_class_slicing():
   kernel = converted["head"]["classification"]["predictor"]["kernel"].reshape(3, 3, 256, 9, 80)
   theirs_kernel = state_dict["head.classification_head.cls_logits.weight"].reshape(9, 91, 256, 3, 3)
   np.testing.assert_array_equal(kernel[1, 2, 7, 4, 0], theirs_kernel[4, 1, 7, 1, 2])  # person
-  assert weights.label_map_for("torchvision_v1", "coco80", 80)["names"][0] == "person"
+  assert weights.label_map_for("torchvision_v1", "coco80", 80).names[0] == "person"
   with pytest.raises(ValueError, match="class_mapping='coco80' applies to torchvision detection"):
     weights.convert_state_dict(state_dict, source="detectron2", class_mapping="coco80",
                                model_config=retinanet.RetinaNetConfig())

@@ -40,7 +40,7 @@ import importlib
 # ml_collections beside them).
 _EXPORTS = {
     "CocoFormatError": "coco_format", "build_tfds_dataset": "coco_format",
-    "default_data_config": "config", "synthetic_data_config": "config",
+    "DataConfig": "config", "default_data_config": "config", "synthetic_data_config": "config",
     "COCO_LABEL_MAP": "labels", "LabelMap": "labels", "load_label_map": "labels",
     "save_label_map": "labels",
     "EvalInput": "pipeline", "InputStats": "pipeline", "TrainInput": "pipeline",

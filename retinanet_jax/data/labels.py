@@ -15,8 +15,6 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-import tensorflow as tf
-
 # COCO 2017 detection categories in id order, as listed in instances_{train,val}2017.json. TFDS's
 # coco/2017 ClassLabel uses the same order, so TFDS label k is COCO_CATEGORIES[k].
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -99,11 +97,13 @@ COCO_LABEL_MAP = LabelMap(tuple(c for c, _ in COCO_CATEGORIES), tuple(n for _, n
 
 def save_label_map(label_map: LabelMap, path: str) -> None:
   """Writes `label_map` as JSON to `path` (local or any tf.io.gfile file system)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  # only for gfile paths
   with tf.io.gfile.GFile(str(path), "w") as f:
     json.dump(label_map.to_json(), f, indent=1)
 
 
 def load_label_map(path: str) -> LabelMap:
   """Reads a label map written by `save_label_map`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  # only for gfile paths
   with tf.io.gfile.GFile(str(path), "r") as f:
     return LabelMap.from_json(json.load(f))

@@ -100,7 +100,9 @@ class SyntheticConfig:
 
   @classmethod
   def from_config(cls, config) -> "SyntheticConfig":
-    """From a ConfigDict or dict with (a subset of) the fields."""
+    """From a ConfigDict or dict with (a subset of) the fields, or a `SyntheticConfig`."""
+    if isinstance(config, cls):
+      return config
     values = dict(config)
     if "aspect_ratio_range" in values:
       values["aspect_ratio_range"] = tuple(values["aspect_ratio_range"])

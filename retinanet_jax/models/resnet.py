@@ -76,8 +76,9 @@ class ResNetConfig:
     norm_epsilon: the batch-norm / group-norm epsilon. 1e-5 everywhere except torchvision's COCO
       RetinaNet v1 weights, which torchvision runs with 0.0 (`overwrite_eps`).
     norm_axis_name: mesh axis over which `sync_bn` averages statistics (None: no collective).
-    conv_kernel_gradient: how training computes the convolutions' kernel gradients, one of
-      `convolution.KERNEL_GRADIENTS` (the same result; 'auto' is the fastest measured per platform).
+
+  How training computes kernel gradients is not architecture: it is the `kernel_gradient` argument
+  of `ResNet` (a runtime choice, never stored with the weights).
   """
 
   architecture: str = "resnet50"
@@ -86,10 +87,8 @@ class ResNetConfig:
   stride_in_1x1: bool = False
   norm_epsilon: float = 1e-5
   norm_axis_name: str | None = "data"
-  conv_kernel_gradient: str = "auto"
 
   def __post_init__(self):
-    convolution.check_kernel_gradient(self.conv_kernel_gradient)
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
     if self.norm not in NORMS:
@@ -211,7 +210,9 @@ class ResNet(nnx.Module):
   channel counts: (512, 1024, 2048) for bottleneck networks, (128, 256, 512) for ResNet-18/34).
   """
 
-  def __init__(self, config: ResNetConfig = ResNetConfig(), *, dtype=None, rngs: nnx.Rngs):
+  def __init__(self, config: ResNetConfig = ResNetConfig(), *, dtype=None,
+               kernel_gradient: str = "auto", rngs: nnx.Rngs):
+    convolution.check_kernel_gradient(kernel_gradient)
     kind, depths, groups, width_per_group = ARCHITECTURES[config.architecture]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
 
@@ -219,7 +220,7 @@ class ResNet(nnx.Module):
       frozen = index < config.freeze_at
       norm = "frozen_bn" if frozen and config.norm == "sync_bn" else config.norm
       return dict(norm=norm, epsilon=config.norm_epsilon, axis_name=config.norm_axis_name,
-                  dtype=dtype, kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
+                  dtype=dtype, kernel_gradient=kernel_gradient, rngs=rngs)
 
     self.stem = ConvNorm(3, 64, 7, stride=2, **norm_kwargs(0))
     if config.freeze_at >= 1:

@@ -36,6 +36,8 @@ from retinanet_jax.models import preprocessing
 from retinanet_jax.models import resnet
 
 DTYPES = ("float32", "bfloat16")
+# Fields that older checkpoints stored in the model config and that are no longer architecture.
+LEGACY_FIELDS = ("conv_kernel_gradient",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,26 +61,28 @@ class RetinaNetConfig:
     num_anchors: anchors per location (`AnchorConfig.num_per_location`).
     prior_prob: initial foreground probability `pi` of the classification bias.
     dtype: computation dtype, 'float32' or 'bfloat16'.
-    conv_kernel_gradient: how training computes convolution kernel gradients, one of
-      `convolution.KERNEL_GRADIENTS`: 'auto' ('nhwc' on the CPU, 'xla' elsewhere: the fastest
-      measured), 'xla' or 'nhwc' (models/convolution.py). The same gradients either way.
+
+  Fields with a fixed set of values carry it as `metadata["choices"]` (checked here and by
+  `retinanet_jax.config`). How training computes convolution kernel gradients is not architecture:
+  it is `RetinaNet`'s `kernel_gradient` argument, a runtime choice never stored in checkpoints.
   """
 
-  backbone: str = "resnet50"
-  norm: str = "frozen_bn"
+  backbone: str = dataclasses.field(default="resnet50",
+                                    metadata={"choices": tuple(resnet.ARCHITECTURES)})
+  norm: str = dataclasses.field(default="frozen_bn", metadata={"choices": resnet.NORMS})
   freeze_at: int = 2
   stride_in_1x1: bool = False
   norm_epsilon: float = 1e-5
   norm_axis_name: str | None = "data"
   fpn_channels: int = 256
-  p6_input: str = "c5"
-  head_norm: str = "none"
+  p6_input: str = dataclasses.field(default="c5", metadata={"choices": fpn_lib.P6_INPUTS})
+  head_norm: str = dataclasses.field(default="none", metadata={"choices": heads_lib.HEAD_NORMS})
   head_num_convs: int = 4
   num_classes: int = 80
-  num_anchors: int = 9
+  # Derived from the anchors (`AnchorConfig.num_per_location`); not a command-line field.
+  num_anchors: int = dataclasses.field(default=9, metadata={"derived": True})
   prior_prob: float = 0.01
-  dtype: str = "float32"
-  conv_kernel_gradient: str = "auto"
+  dtype: str = dataclasses.field(default="float32", metadata={"choices": DTYPES})
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -92,18 +96,21 @@ class RetinaNetConfig:
   def backbone_config(self) -> resnet.ResNetConfig:
     return resnet.ResNetConfig(architecture=self.backbone, norm=self.norm, freeze_at=self.freeze_at,
                                stride_in_1x1=self.stride_in_1x1, norm_epsilon=self.norm_epsilon,
-                               norm_axis_name=self.norm_axis_name,
-                               conv_kernel_gradient=self.conv_kernel_gradient)
+                               norm_axis_name=self.norm_axis_name)
 
   @classmethod
   def from_mapping(cls, mapping) -> RetinaNetConfig:
-    """From a dict or `ml_collections.ConfigDict` holding (a subset of) the field names."""
+    """From a dict or `ml_collections.ConfigDict` holding (a subset of) the field names.
+
+    `conv_kernel_gradient`, which checkpoints of the first release stored here, is not
+    architecture any more and is dropped."""
     if isinstance(mapping, cls):
       return mapping
     if hasattr(mapping, "to_dict"):
       mapping = mapping.to_dict()
     if not isinstance(mapping, Mapping):
       raise TypeError(f"model config must be a RetinaNetConfig or a mapping, got {type(mapping)}")
+    mapping = {k: v for k, v in mapping.items() if k not in LEGACY_FIELDS}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - names)
     if unknown:
@@ -121,16 +128,21 @@ class RetinaNet(nnx.Module):
   `config`.
   """
 
-  def __init__(self, config: RetinaNetConfig = RetinaNetConfig(), *, rngs: nnx.Rngs):
+  def __init__(self, config: RetinaNetConfig = RetinaNetConfig(), *, kernel_gradient: str = "auto",
+               rngs: nnx.Rngs):
+    """`kernel_gradient`: how training computes convolution kernel gradients, one of
+    `convolution.KERNEL_GRADIENTS` ('auto': 'nhwc' on the CPU, 'xla' elsewhere, the fastest
+    measured; models/convolution.py). The same gradients either way; not part of the architecture."""
     dtype = jnp.dtype(config.dtype)
-    self.backbone = resnet.ResNet(config.backbone_config, dtype=dtype, rngs=rngs)
+    self.backbone = resnet.ResNet(config.backbone_config, dtype=dtype,
+                                  kernel_gradient=kernel_gradient, rngs=rngs)
     self.fpn = fpn_lib.FPN(self.backbone.out_channels, config.fpn_channels,
                            p6_input=config.p6_input, dtype=dtype,
-                           kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
+                           kernel_gradient=kernel_gradient, rngs=rngs)
     self.head = heads_lib.RetinaNetHead(
         config.fpn_channels, num_classes=config.num_classes, num_anchors=config.num_anchors,
         num_convs=config.head_num_convs, norm=config.head_norm, prior_prob=config.prior_prob,
-        dtype=dtype, kernel_gradient=config.conv_kernel_gradient, rngs=rngs)
+        dtype=dtype, kernel_gradient=kernel_gradient, rngs=rngs)
     self.config = config
 
   def features(self, images):
@@ -144,9 +156,10 @@ class RetinaNet(nnx.Module):
     return cls_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
 
 
-def build_model(model_config, *, rngs: nnx.Rngs) -> RetinaNet:
+def build_model(model_config, *, rngs: nnx.Rngs, kernel_gradient: str = "auto") -> RetinaNet:
   """A `RetinaNet` from a `RetinaNetConfig`, dict or `ConfigDict` with `RetinaNetConfig`'s fields."""
-  return RetinaNet(RetinaNetConfig.from_mapping(model_config), rngs=rngs)
+  return RetinaNet(RetinaNetConfig.from_mapping(model_config), kernel_gradient=kernel_gradient,
+                   rngs=rngs)
 
 
 def count_parameters(module: nnx.Module) -> int:

@@ -7,16 +7,13 @@ both results' bits as hex digests (one JSON line, process 0 only).
 
 import hashlib
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from retinanet_jax import collectives  # noqa: E402
+from retinanet_jax import collectives
 
 
 def main(argv):

@@ -127,16 +127,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def params(workdir: str, step: int) -> list[np.ndarray]:
-  """The trainable parameters of checkpoint `step`, as a flat list of NumPy arrays."""
+  """The model state (trainable and not) of checkpoint `step`, as a flat list of NumPy arrays."""
   import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  with ocp.PyTreeCheckpointer() as ckpt:  # as NumPy: restorable whatever devices wrote it
-    tree = ckpt.metadata(path).item_metadata.tree
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                            is_leaf=lambda x: hasattr(x, "shape"))
-    restored = ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  state, _ = checkpoints.read_model_state(os.path.join(workdir, "checkpoints", str(step)))
+  return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def eval_metrics(workdir: str, step: int) -> dict[str, float]:

@@ -9,18 +9,18 @@ The same sizes as `tiny_synthetic` in tests/test_train.py: 64x64 images, ResNet-
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from retinanet_jax import config as config_lib
 
-from configs import synthetic  # noqa: E402
+SYNTHETIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
+                         "synthetic.py")
 
 SIZE = 64
 
 
 def get_config(arg: str | None = None):
   del arg
-  c = synthetic.get_config()
+  c = config_lib.load_config_file(SYNTHETIC)
   c.model.backbone = "resnet18"
   c.model.fpn_channels = 32
   c.model.head_num_convs = 1

@@ -216,7 +216,8 @@ def test_invalid_mode_is_an_error_naming_the_field():
   with pytest.raises(ValueError, match="conv_kernel_gradient must be one of"):
     convolution.conv_function("cudnn")
   with pytest.raises(ValueError, match="conv_kernel_gradient"):
-    retinanet.RetinaNetConfig(conv_kernel_gradient="fast")
+    retinanet.RetinaNet(retinanet.RetinaNetConfig(backbone="resnet18"), kernel_gradient="fast",
+                        rngs=nnx.Rngs(0))
 
 
 def test_retinanet_gradients_agree_across_modes():
@@ -226,9 +227,8 @@ def test_retinanet_gradients_agree_across_modes():
   images = jnp.asarray(rng.normal(size=(2, 64, 80, 3)).astype(np.float32))
   grads = {}
   for mode in convolution.KERNEL_GRADIENTS:
-    config = retinanet.RetinaNetConfig(backbone="resnet18", fpn_channels=16, num_classes=3,
-                                       conv_kernel_gradient=mode)
-    model = retinanet.build_model(config, rngs=nnx.Rngs(0))
+    config = retinanet.RetinaNetConfig(backbone="resnet18", fpn_channels=16, num_classes=3)
+    model = retinanet.build_model(config, rngs=nnx.Rngs(0), kernel_gradient=mode)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, rest, graphdef=graphdef):

@@ -1,0 +1,368 @@
+"""Checkpoints: the training run's manager, and one loader for every kind of saved model.
+
+Layouts (all self-describing: `model_description.ModelDescription` says how to rebuild the model):
+
+  training run   `workdir/checkpoints/<step>/` with three Orbax items: `model` (the whole model
+                 state as a pure dict, `nnx.to_pure_dict(nnx.state(model))`), `optimizer` (step,
+                 optax state, loss-normalizer EMA, non-finite guard) and `description` (JSON);
+                 plus each host's input-iterator position in `workdir/input_state/<step>/`.
+  converted      `DIR/model/` (the same pure dict, Orbax) and `DIR/description.json`
+                 (scripts/convert_weights.py; ImageNet backbones hold the `backbone` subtree only).
+  first release  converted: `DIR/state/` + `DIR/metadata.json` (format 1): still loaded.
+                 training: `<step>/default` (one TrainState item, no description): needs the
+                 training config once, `python scripts/upgrade_checkpoint.py --config=CONFIG
+                 --checkpoint=OLD_RUN --output=NEW_RUN` writes the current layout into a new folder.
+
+`load_model(path)` reads any of them (a workdir, its `checkpoints/`, one step's folder, or a
+converted directory) and returns the model for inference without touching the optimizer state;
+`read_model_state(path)` returns the pure dict and description (for `init_from`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+
+from retinanet_jax import model_description as description_lib
+from retinanet_jax.train_state import TrainState
+
+DESCRIPTION_FILE = "description.json"
+LEGACY_METADATA_FILE = "metadata.json"
+ITEMS = ("model", "optimizer", "description")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read as asked; the message says which path and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state as a pure dict
+
+
+def model_state_dict(params, rest) -> dict:
+  """The whole model state, trainable and not, as one nested dict of arrays (int keys for lists)."""
+  return nnx.to_pure_dict(nnx.merge_state(params, rest))
+
+
+def split_model_state(pure: dict, params_template, rest_template):
+  """`(params, rest)` shaped like the templates (`nnx.State`s), with the values of `pure`."""
+  flat = traverse_util.flatten_dict(pure)
+  flat = {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path): v
+          for path, v in flat.items()}
+  out = []
+  for template in (params_template, rest_template):
+    paths = [tuple(p) for p, _ in nnx.to_flat_state(template)]
+    part = jax.tree.map(lambda x: x, template)  # a copy to update
+    nnx.replace_by_pure_dict(part, traverse_util.unflatten_dict({p: flat[p] for p in paths}))
+    out.append(part)
+  return tuple(out)
+
+
+def _optimizer_item(state: TrainState) -> dict:
+  return {"step": state.step, "opt_state": state.opt_state, "normalizer": state.normalizer,
+          "nonfinite_step": state.nonfinite_step}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run's manager
+
+
+class Checkpoints:
+  """Orbax `CheckpointManager` of a run (items `model`, `optimizer`, `description`), plus each
+  host's input-iterator position.
+
+  A step's input positions are written (under `workdir/input_state/<step>/`) by every host, then all
+  hosts meet at a barrier, then its Orbax checkpoint starts (asynchronously: the arrays are copied to
+  host memory before `save` returns, so the next step may donate them). Orbax commits a checkpoint
+  atomically (written under `<step>.orbax-checkpoint-tmp`, renamed to `<step>` when complete), and
+  lists only committed ones, so a checkpoint being written when the process dies is never loaded:
+  restore takes the previous complete one, whose input positions were complete before it began.
+  Leftovers of a killed save (Orbax's temporary folder, input positions of uncommitted steps) are
+  deleted when the next run starts. Checkpoints are written once (Orbax coordinates the hosts) and
+  hold global arrays, restorable on any number of processes and devices.
+  """
+
+  def __init__(self, workdir: str, *, keep: int,
+               description: Optional[description_lib.ModelDescription] = None):
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.input_directory = os.path.join(workdir, "input_state")
+    self.description = description
+    self._remove_unfinished_saves()
+    legacy = _legacy_steps(self.directory)
+    if legacy:
+      raise CheckpointError(
+          f"{self.directory} holds checkpoints of the first release (step {max(legacy)}/default). "
+          f"Upgrade the run once into a new folder, then resume there: python "
+          f"scripts/upgrade_checkpoint.py --config=YOUR_CONFIG --checkpoint={workdir} "
+          f"--output=NEW_WORKDIR")
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=False))
+    self._remove_input_states(keep_below=None)
+
+  def _remove_unfinished_saves(self) -> None:
+    """Process 0 deletes Orbax's temporary folders of saves that never committed; all hosts wait.
+
+    Done here, before anything else runs, rather than by Orbax's `cleanup_tmp_directories`, which
+    deletes them in a background thread that nothing waits for: its listing of the folder then
+    overlapped whatever the main thread did next (in tests, TFDS's mocked file system, which is
+    process-wide, made that listing fail at random).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() == 0 and tf.io.gfile.isdir(self.directory):
+      for tmp in ocp.utils.tmp_checkpoints(self.directory):  # TemporaryPath objects (Orbax 0.12)
+        tf.io.gfile.rmtree(os.fspath(tmp.get()))
+    multihost_utils.sync_global_devices("checkpoints_unfinished_saves_removed")
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def describe(self) -> str:
+    step = self.latest_step()
+    if step is None:
+      return "no checkpoint has been written yet"
+    return f"the last good checkpoint is step {step} in {self.directory}"
+
+  def save(self, step: int, state: TrainState, train_input) -> None:
+    """Saves `step` (asynchronously); `train_input=None` saves no input position."""
+    if self.description is None:
+      raise ValueError("Checkpoints(description=...) is needed to save")
+    if train_input is not None:
+      train_input.save_state(os.path.join(self.input_directory, str(step)))
+    multihost_utils.sync_global_devices(f"input_state_{step}")
+    description = dataclasses.replace(self.description,
+                                      source={"format": "training", "step": int(step)})
+    self.manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model_state_dict(state.params, state.rest)),
+        optimizer=ocp.args.StandardSave(_optimizer_item(state)),
+        description=ocp.args.JsonSave(description.to_json())), force=True)
+    self._remove_input_states(keep_below=step)
+
+  def restore(self, step: int, abstract_state: TrainState, train_input) -> TrainState:
+    """The state of `step`, shaped and sharded like `abstract_state` (`ShapeDtypeStruct`s)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(model_state_dict(abstract_state.params,
+                                                        abstract_state.rest)),
+        optimizer=ocp.args.StandardRestore(_optimizer_item(abstract_state))))
+    params, rest = split_model_state(restored["model"], abstract_state.params, abstract_state.rest)
+    opt = restored["optimizer"]
+    if train_input is not None:
+      train_input.restore_state(os.path.join(self.input_directory, str(step)))
+    return TrainState(step=opt["step"], params=params, rest=rest, opt_state=opt["opt_state"],
+                      normalizer=opt["normalizer"], nonfinite_step=opt["nonfinite_step"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+    self._remove_input_states(keep_below=None)
+
+  def _remove_input_states(self, *, keep_below: Optional[int]) -> None:
+    """Process 0 deletes the input positions of steps without a committed checkpoint (all of them,
+    or only those below `keep_below`: a save of `keep_below` may still be in flight)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() != 0 or not tf.io.gfile.isdir(self.input_directory):
+      return
+    kept = set(ocp.utils.checkpoint_steps(self.directory))  # committed ones, from disk
+    for name in tf.io.gfile.listdir(self.input_directory):
+      name = name.rstrip("/")
+      step = int(name) if name.isdigit() else None
+      if step in kept or (keep_below is not None and (step is None or step >= keep_below)):
+        continue
+      tf.io.gfile.rmtree(os.path.join(self.input_directory, name))
+
+  def close(self) -> None:
+    self.wait()
+    self.manager.close()
+
+
+def _legacy_steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory)
+          if n.isdigit() and os.path.isdir(os.path.join(directory, n, "default"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted models
+
+
+def save_model(path: str, state: dict, description: description_lib.ModelDescription) -> None:
+  """Writes a converted model: `state` (a pure dict) to `path/model`, the description to
+  `path/description.json`."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, "model"), state, force=True)
+  with open(os.path.join(path, DESCRIPTION_FILE), "w") as f:
+    json.dump(description.to_json(), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# One loader
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a saved model's two parts are: the state folder and the description (file or item)."""
+
+  state_dir: str
+  description: description_lib.ModelDescription
+  step: Optional[int]
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _step_folder(path: str) -> tuple[str, int]:
+  """`(step folder, step)` for a workdir, its checkpoints folder, or one step's folder."""
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(path):
+    return path, int(base)
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate):
+      steps = [int(n) for n in os.listdir(candidate)
+               if n.isdigit() and os.path.isdir(os.path.join(candidate, n))]
+      if steps:
+        return os.path.join(candidate, str(max(steps))), max(steps)
+  raise CheckpointError(
+      f"{path} is not a saved model: no {DESCRIPTION_FILE} (converted weights), no "
+      f"checkpoints/<step> (a training run) and not a step folder")
+
+
+def locate(path: str) -> Location:
+  """Finds the model state and description of `path` (module docstring's layouts)."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} does not exist")
+  if os.path.isfile(os.path.join(path, DESCRIPTION_FILE)):
+    where = os.path.join(path, DESCRIPTION_FILE)
+    return Location(os.path.join(path, "model"),
+                    description_lib.ModelDescription.from_json(_read_json(where), where=where), None)
+  if os.path.isfile(os.path.join(path, LEGACY_METADATA_FILE)):  # converted, first release
+    where = os.path.join(path, LEGACY_METADATA_FILE)
+    return Location(os.path.join(path, "state"),
+                    description_lib.ModelDescription.from_json(_read_json(where), where=where), None)
+  folder, step = _step_folder(path)
+  if os.path.isdir(os.path.join(folder, "default")):
+    raise CheckpointError(
+        f"{folder} is a checkpoint of the first release, which did not record its model; upgrade "
+        f"it once: python scripts/upgrade_checkpoint.py --config=ITS_TRAINING_CONFIG "
+        f"--checkpoint={path} --output=NEW_FOLDER")
+  if not os.path.isdir(os.path.join(folder, "model")):
+    raise CheckpointError(f"{folder} has no model item (an unfinished or damaged checkpoint?)")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    where = os.path.join(folder, "description")
+    obj = checkpointer.restore(where)
+  return Location(os.path.join(folder, "model"),
+                  description_lib.ModelDescription.from_json(obj, where=where), step)
+
+
+def _restore_numpy(state_dir: str) -> dict:
+  """A pure dict saved by Orbax, as NumPy arrays (whatever devices wrote it), int list keys."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                            is_leaf=lambda x: hasattr(x, "shape"))
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  restored = nnx.restore_int_paths(restored)
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(restored)).items()})
+
+
+def read_model_state(path: str) -> tuple[dict, description_lib.ModelDescription]:
+  """`(pure state of NumPy arrays, description)` of any saved model (`locate`)."""
+  location = locate(path)
+  return _restore_numpy(location.state_dir), location.description
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for inference (evaluation mode), split as the eval step takes it."""
+
+  graphdef: Any
+  params: Any
+  rest: Any
+  description: description_lib.ModelDescription
+  step: Optional[int]
+
+  def module(self):
+    return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def load_model(path: str, *, dtype: Optional[str] = None) -> LoadedModel:
+  """The model saved at `path` (any layout of the module docstring) in evaluation mode; reads the
+  model item only (never the optimizer state). `dtype` overrides the computation dtype."""
+  from retinanet_jax import weights  # pylint: disable=import-outside-toplevel
+
+  location = locate(path)
+  if location.description.kind != "retinanet":
+    raise CheckpointError(f"{path} holds a {location.description.kind} only, not a detector "
+                          f"(use it as --config.init_from with init_mode='backbone')")
+  model = location.description.build_abstract_model(dtype=dtype)
+  weights.load_into(model, _restore_numpy(location.state_dir))
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return LoadedModel(graphdef, params, rest, location.description, location.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of the first release
+
+
+def upgrade_legacy_run(old_workdir: str, new_workdir: str, config) -> list[int]:
+  """Rewrites the first release's checkpoints of a run (`<step>/default`, one TrainState) into the
+  current layout in `new_workdir` (which must not exist yet or be empty): every step, its input
+  positions, `label_map.json` and `config.json`. `config` is the run's training config (a
+  `config.Config` or `ConfigDict`): it gives the model the old checkpoints did not describe.
+  Returns the steps written. `old_workdir` is only read."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import train_state as train_state_lib  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.data import labels as labels_lib  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.Config.from_config_dict(config)
+  old_workdir, new_workdir = os.path.abspath(old_workdir), os.path.abspath(new_workdir)
+  steps = sorted(_legacy_steps(os.path.join(old_workdir, "checkpoints")))
+  if not steps:
+    raise CheckpointError(f"{old_workdir}/checkpoints holds no checkpoint of the first release "
+                          f"(<step>/default)")
+  if os.path.exists(new_workdir) and os.listdir(new_workdir):
+    raise CheckpointError(f"{new_workdir} exists and is not empty; give a new folder")
+  label_path = os.path.join(old_workdir, "label_map.json")
+  if not os.path.isfile(label_path):
+    raise CheckpointError(f"{label_path} is missing: the run's label map names its classes")
+  labels = labels_lib.load_label_map(label_path)
+  mesh = train_state_lib.make_mesh()
+  abstract = train_state_lib.create_train_state(config, mesh, abstract=True).state
+  os.makedirs(new_workdir, exist_ok=True)
+  checkpoints = Checkpoints(new_workdir, keep=len(steps),
+                            description=train_state_lib.describe(config, labels))
+  for step in steps:
+    with ocp.StandardCheckpointer() as checkpointer:
+      state = checkpointer.restore(os.path.join(old_workdir, "checkpoints", str(step), "default"),
+                                   abstract)
+    checkpoints.save(step, state, None)
+    checkpoints.wait()
+    old_input = os.path.join(old_workdir, "input_state", str(step))
+    if os.path.isdir(old_input):
+      shutil.copytree(old_input, os.path.join(checkpoints.input_directory, str(step)))
+  checkpoints.close()
+  shutil.copy(label_path, os.path.join(new_workdir, "label_map.json"))
+  with open(os.path.join(new_workdir, config_lib.RUN_CONFIG_FILE), "w") as f:
+    json.dump(config.to_json(), f, indent=2)
+  return steps

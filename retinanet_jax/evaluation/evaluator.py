@@ -1,0 +1,166 @@
+"""`Evaluator`: runs a model over an evaluation split and scores it with COCO metrics.
+
+    evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=eval_graphdef,
+                                   description=description, mesh=mesh)
+    metrics, detections = evaluator.run(params, rest)
+
+One evaluator serves training (evaluations during and after the run), scripts/evaluate.py (a saved
+model) and the benchmark. Built once, from the evaluation input, its COCO ground truth, and the model's
+label map (class -> dataset category id; a converted torchvision model predicts 91 classes indexed by
+COCO category id, a trained one its dataset's); its eval step (network + post-processing, a
+per-device function under `jit(shard_map)` like the train step) is compiled on the first `run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import config as config_lib
+from retinanet_jax import postprocess
+from retinanet_jax.data import labels as labels_lib
+from retinanet_jax.evaluation import coco
+from retinanet_jax.models import preprocessing
+from retinanet_jax.train_state import DATA_AXIS
+
+import numpy as np
+
+
+def eval_step(graphdef, params, rest, batch: dict, *, anchor_set: anchor_lib.AnchorSet,
+              input_convention: str, eval_config: config_lib.EvalConfig) -> postprocess.Detections:
+  """Network + post-processing on this device's images; boxes in network-input pixels."""
+  model = nnx.merge(graphdef, params, rest, copy=True)  # copy: fresh Variables in this trace
+  images = preprocessing.normalize_images(batch["image"], batch["image_hw"],
+                                          convention=input_convention)
+  cls_logits, box_deltas = model(images)
+  e = eval_config
+  return postprocess.postprocess_detections(
+      cls_logits, box_deltas, anchors=anchor_set, image_hw=batch["image_hw"],
+      score_threshold=e.score_threshold, topk_candidates=e.topk_candidates,
+      nms_threshold=e.nms_threshold, max_detections=e.max_detections)
+
+
+def compile_eval_step(graphdef, *, anchor_set, input_convention, eval_config, mesh):
+  """`jit(shard_map(eval_step))`: parameters replicated, batch and detections sharded over 'data'."""
+  step = functools.partial(eval_step, graphdef, anchor_set=anchor_set,
+                           input_convention=input_convention, eval_config=eval_config)
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                          out_specs=P(DATA_AXIS), check_vma=False)
+  return jax.jit(sharded)
+
+
+def _to_host(x) -> np.ndarray:
+  """A global array, gathered to every host as NumPy."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """COCO evaluation of one model graph on one evaluation input (module docstring).
+
+  Attributes:
+    eval_input: a re-iterable `data.EvalInput` (every image once across hosts; padding examples
+      have `example_mask` False).
+    ground_truth: its COCO ground truth (original pixels, dataset category ids).
+    label_map: the model's classes -> dataset category ids and names.
+    step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
+  """
+
+  eval_input: Any
+  ground_truth: dict
+  label_map: labels_lib.LabelMap
+  step_fn: Any
+
+  @classmethod
+  def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
+               mesh) -> Evaluator:
+    """The evaluator of `data_config.eval_split` for a model with `description`
+    (`model_description.ModelDescription`: anchors, input convention, label map) and `graphdef`
+    (evaluation mode)."""
+    from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+
+    eval_input = data_lib.make_eval_input(data_config, global_batch_size=eval_config.batch_size,
+                                          mesh=mesh)
+    image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(data_config))
+    anchor_set = anchor_lib.generate_anchors(image_hw, config=description.anchors)
+    step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
+                                input_convention=description.input_convention,
+                                eval_config=eval_config, mesh=mesh)
+    return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
+               label_map=description.label_map, step_fn=step_fn)
+
+  @property
+  def num_images(self) -> int:
+    return len(self.ground_truth["images"])
+
+  def run(self, params, rest) -> tuple[dict[str, float], list[dict]]:
+    """`(metrics, coco_detections)` over the whole evaluation split, once.
+
+    Detections of every host are gathered to every host; padded examples are dropped. Raises if an
+    image of the ground truth was never evaluated or was evaluated twice.
+    """
+    detections, evaluated = [], []
+    for batch in self.eval_input:
+      det = self.step_fn(params, rest, batch)
+      fields = {k: _to_host(getattr(det, k)) for k in ("boxes", "scores", "classes", "valid")}
+      meta = {k: _to_host(batch[k]) for k in ("image_id", "scale", "example_mask")}
+      keep = meta["example_mask"].astype(bool)
+      detections += coco.detections_to_coco(
+          image_ids=meta["image_id"], boxes=fields["boxes"], scores=fields["scores"],
+          classes=fields["classes"], valid=fields["valid"] & keep[:, None],
+          category_ids=self.label_map.category_ids, scale=meta["scale"])
+      evaluated += [int(i) for i in meta["image_id"][keep]]
+    expected = sorted(int(im["id"]) for im in self.ground_truth["images"])
+    if sorted(evaluated) != expected:
+      missing = sorted(set(expected) - set(evaluated))
+      extra = sorted(set(evaluated) - set(expected))
+      twice = len(evaluated) - len(set(evaluated))
+      raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
+                         f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
+    return coco.coco_evaluate(self.ground_truth, detections), detections
+
+
+def replicate(tree, mesh):
+  """`tree` placed on every device of `mesh` (the evaluator's parameter layout)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = None) -> dict[str, float]:
+  """COCO metrics of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
+  steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
+  `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
+  evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import train_state  # pylint: disable=import-outside-toplevel
+
+  if config is None:
+    try:
+      config = config_lib.load_run_config(path)
+    except FileNotFoundError as e:
+      raise ValueError(f"{e}: give a config to choose the data to evaluate on") from None
+  config = config_lib.Config.from_config_dict(config)
+  if config.data.name == "synthetic":
+    data_lib.ensure_synthetic_dataset(config.data)
+  loaded = checkpoints.load_model(path)
+  mesh = train_state.make_mesh()
+  evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
+                                 description=loaded.description, mesh=mesh)
+  metrics, detections = evaluator.run(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
+  if output_dir and jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    tag = "converted" if loaded.step is None else str(loaded.step)
+    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), metrics,
+                       checkpoint=os.path.abspath(path), num_detections=len(detections))
+  return metrics
