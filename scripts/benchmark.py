@@ -36,8 +36,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # for doc
 
 from absl import app, flags
 
-from benchmarks import timing  (imports no JAX)
-from retinanet_jax import xla_flags  (imports no JAX)
+from benchmarks import timing  # imports no JAX
+from retinanet_jax import xla_flags  # imports no JAX
 
 FLAGS = flags.FLAGS
 DEFAULTS = timing.Options()
