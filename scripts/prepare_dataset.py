@@ -11,8 +11,15 @@ Built-in synthetic dataset (what `data.name = "synthetic"` reads; knobs: synthet
   python scripts/prepare_dataset.py --synthetic [--synthetic_knob num_train=5000 ...]
 
 Then train with `--config.data.name=my_boxes --config.data.data_dir=~/tfds`. The dataset folder also
-holds label_map.json, ground_truth_{split}.json (evaluation) and prepare_report.json. Skipped images
-and annotations are listed at the end; `--strict` makes the first one an error instead.
+holds label_map.json, ground_truth_{split}.json (evaluation) and prepare_report.json.
+
+Every annotation file and image is validated first, in one pass, and every problem is printed,
+grouped by kind with its count and first --max_listed ids (all of them in the report file). Fatal
+problems (malformed JSON, JSON that is not COCO, missing required fields, duplicate ids or file
+names) stop the run after the report, with exit status 1 and no dataset written; skippable ones (bad
+images, bad boxes, unknown ids, ...) are left out and counted (`--strict`: fatal too). `--dry_run`
+validates and reports without writing a dataset. A dry or stopped run writes its report to --report
+(default ./prepare_report.json), never replacing a file that is not an earlier report.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from retinanet_jax.data import coco_format, config as config_lib, sources, synthetic
+from retinanet_jax.data import (coco_format, coco_validation, config as config_lib, sources,
+                                synthetic)
 
 _ANNOTATIONS = flags.DEFINE_multi_string(
     "annotations", [], "COCO-format JSON: PATH (split 'train') or SPLIT=PATH, repeatable.")
@@ -40,7 +48,13 @@ _VALIDATION_FRACTION = flags.DEFINE_float(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of --validation_fraction.")
 _BOX_TOLERANCE = flags.DEFINE_float(
     "box_tolerance", 1.0, "Boxes may exceed the image by this many pixels (then clipped).")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail on the first bad image or annotation.")
+_STRICT = flags.DEFINE_bool("strict", False, "Skippable problems (bad images, boxes, ids) are fatal.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate and report only; write no dataset.")
+_REPORT = flags.DEFINE_string(
+    "report", None, "Write the report JSON here too (a dry or stopped run: default "
+    "./prepare_report.json; a built dataset always has one in its folder).")
+_MAX_LISTED = flags.DEFINE_integer("max_listed", 10, "Problems printed per kind (the report file "
+                                   "has all of them).")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Build the built-in synthetic dataset.")
 _SYNTHETIC_KNOBS = flags.DEFINE_multi_string(
     "synthetic_knob", [], "FIELD=VALUE override of SyntheticConfig, repeatable.")
@@ -59,22 +73,30 @@ def _by_split(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _split_by_fraction(coco: dict, fraction: float, seed: int) -> dict[str, dict]:
-  ids = [im.get("id") for im in coco["images"]]  # malformed records are reported later
+  """Splits a file's images (seeded); records without an int id and annotations on unknown image
+  ids stay in 'train', where validation reports them."""
+  images = coco["images"]
+  ids = [im["id"] for im in images if isinstance(im, dict) and isinstance(im.get("id"), int)]
   order = np.random.default_rng(seed).permutation(len(ids))
   val = {ids[i] for i in order[:int(round(fraction * len(ids)))]}
   anns = coco.get("annotations", [])
-  # Annotations on unknown image ids stay in 'train', where they are reported as skipped.
+  anns = anns if isinstance(anns, list) else []
+
+  def part(records, key, validation):
+    return [r for r in records if (isinstance(r, dict) and r.get(key) in val) == validation]
   return {
-      "train": {**coco, "images": [im for im in coco["images"] if im["id"] not in val],
-                "annotations": [a for a in anns if a.get("image_id") not in val]},
-      "validation": {**coco, "images": [im for im in coco["images"] if im["id"] in val],
-                     "annotations": [a for a in anns if a.get("image_id") in val]},
+      "train": {**coco, "images": part(images, "id", False),
+                "annotations": part(anns, "image_id", False)},
+      "validation": {**coco, "images": part(images, "id", True),
+                     "annotations": part(anns, "image_id", True)},
   }
 
 
-def _build_custom() -> None:
+def _build_custom() -> bool:
+  """Returns False when the run stopped at fatal problems."""
   if not _NAME.value:
     raise app.UsageError("--name is required (or use --synthetic)")
+  coco_format.check_dataset_name(_NAME.value)
   annotations = _by_split(_ANNOTATIONS.value, "annotations")
   images = _by_split(_IMAGES.value, "images")
   if not annotations:
@@ -84,22 +106,52 @@ def _build_custom() -> None:
   if set(images) != set(annotations):
     raise app.UsageError(f"--images splits {sorted(images)} differ from --annotations splits "
                          f"{sorted(annotations)}")
-  cocos = {split: coco_format.load_annotations(path) for split, path in annotations.items()}
-  if _VALIDATION_FRACTION.value > 0:
-    if len(cocos) != 1:
-      raise app.UsageError("--validation_fraction needs exactly one --annotations file")
+  if _VALIDATION_FRACTION.value > 0 and len(annotations) != 1:
+    raise app.UsageError("--validation_fraction needs exactly one --annotations file")
+  report_path = _REPORT.value or ("prepare_report.json" if _DRY_RUN.value else None)
+  if report_path:
+    coco_validation.check_report_path(report_path)
+  report = coco_validation.Report()
+  cocos = {split: coco_validation.read_annotations(path, report, split=split)
+           for split, path in annotations.items()}
+  cocos = {split: coco for split, coco in cocos.items() if coco is not None}  # others: reported
+  if _VALIDATION_FRACTION.value > 0 and cocos:
     (split, coco), = cocos.items()
-    cocos = _split_by_fraction(coco, _VALIDATION_FRACTION.value, _SEED.value)
-    images = {s: images[split] for s in cocos}
+    if isinstance(coco.get("images"), list):  # else: validation reports it
+      cocos = _split_by_fraction(coco, _VALIDATION_FRACTION.value, _SEED.value)
+      images = {s: images[split] for s in cocos}
   splits = {split: coco_format.SplitSource(coco, coco_format.image_reader(images[split]))
             for split, coco in cocos.items()}
-  builder, report = coco_format.build_tfds_dataset(
-      _NAME.value, splits, data_dir=_DATA_DIR.value, box_tolerance=_BOX_TOLERANCE.value,
-      strict=_STRICT.value)
-  print(report.summary())
-  print(f"prepared {builder.info.full_name} in {builder.data_dir}")
+  report.strict = _STRICT.value
+  validation = None
+  if splits:  # else every file was unreadable, and that is reported
+    validation = coco_format.validate_splits(splits, box_tolerance=_BOX_TOLERANCE.value,
+                                             strict=_STRICT.value, report=report)
+  if report.fatal or _DRY_RUN.value:
+    print(report.summary(max_listed=_MAX_LISTED.value))
+    path = report_path or "prepare_report.json"
+    try:
+      coco_validation.write_report(report, path)
+      where = f"above and in {path}"
+    except FileExistsError as e:  # a stopped run's default path, taken by a user's file
+      where = f"above (not in a file: {e})"
+    if report.fatal:
+      kinds = sorted({p.kind.key for p in report.fatal})
+      print(f"error: stopped by {len(report.fatal)} fatal problems ({', '.join(kinds)}); no "
+            f"dataset was written; every problem is listed {where}", file=sys.stderr)
+      return False
+    print(f"dry run: no dataset written; report in {path}")
+    return True
+  builder = coco_format.write_tfds_dataset(_NAME.value, validation, splits,
+                                           data_dir=_DATA_DIR.value)
+  print(report.summary(max_listed=_MAX_LISTED.value))
+  if _REPORT.value:
+    coco_validation.write_report(report, _REPORT.value)
+  print(f"prepared {builder.info.full_name} in {builder.data_dir} (report: "
+        f"{builder.data_dir}/{coco_format.REPORT_FILE})")
   print(f"use: --config.data.name={_NAME.value}"
         + (f" --config.data.data_dir={_DATA_DIR.value}" if _DATA_DIR.value else ""))
+  return True
 
 
 def _build_synthetic() -> None:
@@ -121,8 +173,11 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
-    _build_synthetic() if _SYNTHETIC.value else _build_custom()
-  except coco_format.CocoFormatError as e:
+    if _SYNTHETIC.value:
+      _build_synthetic()
+    elif not _build_custom():
+      sys.exit(1)
+  except (coco_format.CocoFormatError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -25,10 +25,10 @@ Also: `load_examples(data_config, split)` (decoded examples in one format, no au
 (synthetic.py, the synthetic dataset's knobs).
 
 Module map: config.py (every field), sources.py (datasets -> one example format, ground truth),
-coco_format.py (COCO JSON -> TFDS), synthetic.py (rendering), transforms.py (geometry),
-pipeline.py (per-host tf.data, global arrays, iterator state), labels.py (LabelMap). The input
-pipeline's throughput (images/s per host core) is measured outside the package, by
-benchmarks/input_data.py.
+coco_format.py (COCO JSON -> TFDS), coco_validation.py (every problem of a COCO-format input, in
+one pass), synthetic.py (rendering), transforms.py (geometry), pipeline.py (per-host tf.data, global
+arrays, iterator state), labels.py (LabelMap). The input pipeline's throughput (images/s per host
+core) is measured outside the package, by benchmarks/input_data.py.
 """
 
 import importlib

@@ -1,14 +1,15 @@
 """Any COCO-format detection dataset -> a TFDS dataset (with TFDS's own builder API).
 
-`build_tfds_dataset(name, splits, data_dir=...)` validates each split's COCO-format dict, reads and
-checks every image, and writes a TFDS dataset readable by name (`tfds.builder(name,
-data_dir=data_dir)`), plus three files in the dataset's folder:
+`build_tfds_dataset(name, splits, data_dir=...)` validates every split in one pass
+(coco_validation.py: the JSON, then every image file, every problem reported at once), and, when no
+problem is fatal, writes a TFDS dataset readable by name (`tfds.builder(name, data_dir=data_dir)`),
+plus three files in the dataset's folder:
 
 * `label_map.json`: contiguous labels <-> the dataset's own category ids and names (`LabelMap`);
 * `ground_truth_{split}.json`: the COCO-format ground truth that evaluation uses: original pixels,
   original category ids, crowd flags, original `area`; annotation `id`s are renumbered 1..N (pycocotools
   treats id 0 as "unmatched") and the original id is kept as `source_id`;
-* `prepare_report.json`: counts and the message of every skipped image or annotation.
+* `prepare_report.json`: counts and every problem, grouped by kind, each naming its ids.
 
 Stored features (one example per image; boxes in original pixels):
   image: encoded bytes exactly as read (JPEG or PNG; other formats are re-encoded as PNG);
@@ -16,35 +17,33 @@ Stored features (one example per image; boxes in original pixels):
   objects: id int64 [N], bbox_xyxy float32 [N, 4] ([x1, y1, x2, y2]), label int64 [N] (contiguous,
     0..K-1), is_crowd bool [N].
 
-Bad input:
-* errors (`CocoFormatError`): malformed JSON, missing/ill-typed required fields, duplicate image,
-  annotation or category ids, image ids outside int32, splits whose categories differ;
-* counted skips (message names the id; with `strict=True` they are errors too): a missing or
-  unreadable image, an image whose size differs from its record, an annotation on an unknown image
-  or with an unknown category id, a box with non-positive or non-finite width or height, a box
-  outside the image by more than `box_tolerance` pixels (boxes within the tolerance are clipped).
-Images without annotations are kept (negatives).
+Bad input (the kinds and their severities: coco_validation.ProblemKind): fatal problems (malformed
+JSON, JSON that is not COCO, missing/ill-typed required fields, duplicate image, annotation or
+category ids, one file under two image ids, image ids outside int32, splits whose categories differ)
+raise one `CocoFormatError` listing all of them, with the full `Report` attached; skippable ones (a
+missing, undecodable or wrongly-sized image; an annotation on an unknown image or category id, with a
+bbox that is not 4 finite numbers, non-positive width or height, outside the image by more than
+`box_tolerance` pixels (boxes within it are clipped), or `iscrowd` not 0/1) are counted and left out
+(`strict=True`: fatal too). Images without annotations are kept (negatives).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
+from retinanet_jax.data import coco_validation
+from retinanet_jax.data.coco_validation import Report, Validation
 from retinanet_jax.data.labels import LabelMap
 
 VERSION = "1.0.0"
 LABEL_MAP_FILE = "label_map.json"
 REPORT_FILE = "prepare_report.json"
-_INT32_MAX = 2**31 - 1
 
 
 def ground_truth_file(split: str) -> str:
@@ -52,7 +51,12 @@ def ground_truth_file(split: str) -> str:
 
 
 class CocoFormatError(ValueError):
-  """The input cannot be turned into a dataset; the message says what and where."""
+  """The input cannot be turned into a dataset; the message lists what and where (every fatal
+  problem, grouped by kind); `report` holds them all (None for errors of the call itself)."""
+
+  def __init__(self, message: str, *, report: Report | None = None):
+    super().__init__(message)
+    self.report = report
 
 
 @dataclasses.dataclass
@@ -71,17 +75,12 @@ class SplitSource:
 
 
 def load_annotations(path: str) -> dict:
-  """Reads a COCO-format JSON file; malformed JSON is a CocoFormatError naming the file."""
-  try:
-    with epath.Path(path).open("r") as f:
-      obj = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CocoFormatError(f"{path}: malformed JSON: {e}") from None
-  except OSError as e:
-    raise CocoFormatError(f"{path}: cannot read annotations: {e}") from None
-  if not isinstance(obj, dict):
-    raise CocoFormatError(f"{path}: expected a JSON object with 'images', 'annotations' and "
-                          f"'categories', got {type(obj).__name__}")
+  """Reads a COCO-format JSON file; malformed JSON or a non-object is a CocoFormatError naming the
+  file."""
+  report = Report()
+  obj = coco_validation.read_annotations(path, report)
+  if obj is None:
+    raise CocoFormatError(report.problems[0].message, report=report)
   return obj
 
 
@@ -92,141 +91,6 @@ def image_reader(images_dir: str) -> Callable[[dict], bytes]:
   def read(record: dict) -> bytes:
     return (root / record["file_name"]).read_bytes()
   return read
-
-
-@dataclasses.dataclass
-class Report:
-  """What happened to the input: counts and one message per skipped item."""
-
-  images: dict[str, int] = dataclasses.field(default_factory=dict)
-  annotations: dict[str, int] = dataclasses.field(default_factory=dict)
-  skipped_images: list[str] = dataclasses.field(default_factory=list)
-  skipped_annotations: list[str] = dataclasses.field(default_factory=list)
-
-  def summary(self) -> str:
-    lines = [f"{split}: {self.images[split]} images, {self.annotations.get(split, 0)} annotations"
-             for split in self.images]
-    lines.append(f"skipped {len(self.skipped_images)} images, "
-                 f"{len(self.skipped_annotations)} annotations")
-    for message in self.skipped_images + self.skipped_annotations:
-      lines.append(f"  skipped {message}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation of the JSON (everything except the image bytes).
-
-def _require(obj: dict, key: str, types, where: str):
-  if not isinstance(obj, dict) or key not in obj:
-    raise CocoFormatError(f"{where}: missing required field {key!r}")
-  value = obj[key]
-  if isinstance(value, bool) or not isinstance(value, types):
-    raise CocoFormatError(f"{where}: field {key!r} must be {types}, got {value!r}")
-  return value
-
-
-def parse_categories(coco: dict, where: str) -> LabelMap:
-  categories = _require(coco, "categories", list, where)
-  seen = set()
-  for i, c in enumerate(categories):
-    cid = _require(c, "id", int, f"{where}: categories[{i}]")
-    _require(c, "name", str, f"{where}: categories[{i}]")
-    if cid in seen:
-      raise CocoFormatError(f"{where}: duplicate category id {cid}")
-    seen.add(cid)
-  if not categories:
-    raise CocoFormatError(f"{where}: 'categories' is empty")
-  return LabelMap.from_categories(categories)
-
-
-@dataclasses.dataclass
-class _Object:
-  source_id: int
-  box: tuple[float, float, float, float]  # x1, y1, x2, y2, clipped to the image
-  category_id: int
-  is_crowd: bool
-  area: float
-
-
-def _parse_split(split: str, coco: dict, label_map: LabelMap, *, box_tolerance: float,
-                 skip: Callable[[list[str], str], None], report: Report):
-  """Returns [(image record, [_Object])] in image id order, after JSON-level validation."""
-  where = f"split {split!r}"
-  images = _require(coco, "images", list, where)
-  annotations = coco.get("annotations", [])
-  if not isinstance(annotations, list):
-    raise CocoFormatError(f"{where}: 'annotations' must be a list, got {type(annotations)}")
-
-  records: dict[int, dict] = {}
-  for i, record in enumerate(images):
-    image_id = _require(record, "id", int, f"{where}: images[{i}]")
-    _require(record, "file_name", str, f"{where}: image id {image_id}")
-    for key in ("width", "height"):
-      _require(record, key, int, f"{where}: image id {image_id}")
-    if image_id in records:
-      raise CocoFormatError(f"{where}: duplicate image id {image_id}")
-    if not 0 <= image_id <= _INT32_MAX:
-      raise CocoFormatError(f"{where}: image id {image_id} is outside 0..{_INT32_MAX} (batches "
-                            "carry int32 image ids)")
-    records[image_id] = record
-
-  objects: dict[int, list[_Object]] = {image_id: [] for image_id in records}
-  known_categories = set(label_map.category_ids)
-  seen_ids = set()
-  for i, ann in enumerate(annotations):
-    ann_id = _require(ann, "id", int, f"{where}: annotations[{i}]")
-    here = f"{where}: annotation id {ann_id}"
-    image_id = _require(ann, "image_id", int, here)
-    category_id = _require(ann, "category_id", int, here)
-    bbox = _require(ann, "bbox", list, here)
-    if ann_id in seen_ids:
-      raise CocoFormatError(f"{where}: duplicate annotation id {ann_id}")
-    seen_ids.add(ann_id)
-    here = f"annotation id {ann_id} (image id {image_id}, split {split!r})"
-    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                 for v in bbox):
-      raise CocoFormatError(f"{here}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
-    if image_id not in records:
-      skip(report.skipped_annotations, f"{here}: unknown image id {image_id}")
-      continue
-    if category_id not in known_categories:
-      skip(report.skipped_annotations, f"{here}: unknown category id {category_id}")
-      continue
-    x, y, w, h = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-      skip(report.skipped_annotations, f"{here}: non-finite box {bbox}")
-      continue
-    if w <= 0 or h <= 0:
-      skip(report.skipped_annotations, f"{here}: box {bbox} has non-positive width or height")
-      continue
-    width, height = records[image_id]["width"], records[image_id]["height"]
-    t = box_tolerance
-    if x < -t or y < -t or x + w > width + t or y + h > height + t:
-      skip(report.skipped_annotations,
-           f"{here}: box {bbox} lies outside the {width}x{height} image")
-      continue
-    x1, y1 = max(x, 0.0), max(y, 0.0)
-    x2, y2 = min(x + w, float(width)), min(y + h, float(height))
-    area = ann.get("area", w * h)
-    objects[image_id].append(_Object(
-        ann_id, (x1, y1, x2, y2), category_id, bool(ann.get("iscrowd", 0)),
-        float(area) if isinstance(area, (int, float)) else w * h))
-  return [(records[image_id], objects[image_id]) for image_id in sorted(records)]
-
-
-def _checked_image(data: bytes, record: dict) -> bytes:
-  """Returns storable bytes (JPEG/PNG as-is, others re-encoded as PNG); raises OSError."""
-  with Image.open(io.BytesIO(data)) as im:
-    im.load()  # decodes fully: truncated files fail here
-    size = im.size
-    if size != (record["width"], record["height"]):
-      raise OSError(f"image is {size[0]}x{size[1]} but its record says "
-                    f"{record['width']}x{record['height']}")
-    if im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L", "RGBA", "LA", "P"):
-      return data
-    buffer = io.BytesIO()
-    im.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +137,9 @@ class _Builder(tfds.dataset_builders.AdhocBuilder, skip_registration=True):
 def build_tfds_dataset(name: str, splits: Mapping[str, SplitSource], *,
                        data_dir: str | None = None, config: str | None = None,
                        box_tolerance: float = 1.0, strict: bool = False,
-                       description: str | None = None) -> tuple[tfds.core.DatasetBuilder, Report]:
-  """Validates and stores a COCO-format dataset as TFDS dataset `name[/config]` in `data_dir`.
+                       description: str | None = None,
+                       report: Report | None = None) -> tuple[tfds.core.DatasetBuilder, Report]:
+  """Validates (all of it, in one pass) and stores a COCO-format dataset as TFDS `name[/config]`.
 
   Args:
     name: TFDS dataset name (letters, digits, underscores; must not be a TFDS catalogue name).
@@ -282,47 +147,65 @@ def build_tfds_dataset(name: str, splits: Mapping[str, SplitSource], *,
     data_dir: TFDS data folder; None: TFDS's default.
     config: optional TFDS builder-config name (the dataset is then read as "name/config").
     box_tolerance: boxes may exceed the image by this many pixels (and are clipped).
-    strict: turn every counted skip into a CocoFormatError.
+    strict: skippable problems are fatal too.
     description: free text stored in the dataset info.
+    report: problems found before (e.g. while reading the annotation files) to report with these.
 
   Returns:
     The prepared builder and the Report (also written as prepare_report.json).
+
+  Raises:
+    CocoFormatError: some problem is fatal (all of them are in its message and `.report`), or the
+      dataset exists already; nothing is written then.
   """
+  check_dataset_name(name)
+  validation = validate_splits(splits, box_tolerance=box_tolerance, strict=strict, report=report)
+  raise_if_fatal(validation.report)
+  return write_tfds_dataset(name, validation, splits, data_dir=data_dir, config=config,
+                            description=description), validation.report
+
+
+def check_dataset_name(name: str) -> None:
   if not tfds.core.naming.is_valid_dataset_and_class_name(name):
     raise CocoFormatError(f"dataset name must match [a-zA-Z][a-zA-Z0-9_]*, got {name!r}")
+
+
+def validate_splits(splits: Mapping[str, SplitSource], *, box_tolerance: float = 1.0,
+                    strict: bool = False, report: Report | None = None) -> Validation:
+  """coco_validation.validate over SplitSources (writes nothing); see build_tfds_dataset."""
   if not splits:
     raise CocoFormatError("no splits given")
-  report = Report()
+  return coco_validation.validate(
+      {split: (s.annotations, s.read_image) for split, s in splits.items()},
+      box_tolerance=box_tolerance, strict=strict, report=report)
 
-  def skip(bucket: list[str], message: str) -> None:
-    if strict:
-      raise CocoFormatError(message)
-    bucket.append(message)
 
-  label_map = None
-  parsed = {}
-  for split, source in splits.items():
-    split_map = parse_categories(source.annotations, f"split {split!r}")
-    if label_map is not None and split_map != label_map:
-      raise CocoFormatError(f"split {split!r} has categories {split_map} but an earlier split "
-                            f"has {label_map}")
-    label_map = split_map
-    parsed[split] = _parse_split(split, source.annotations, label_map,
-                                 box_tolerance=box_tolerance, skip=skip, report=report)
+def raise_if_fatal(report: Report) -> None:
+  fatal = report.fatal
+  if fatal:
+    lines = [f"{len(fatal)} fatal problems:"] + [f"  {p.message}" for p in fatal]
+    raise CocoFormatError("\n".join(lines), report=report)
 
+
+def write_tfds_dataset(name: str, validation: Validation, splits: Mapping[str, SplitSource], *,
+                       data_dir: str | None = None, config: str | None = None,
+                       description: str | None = None) -> tfds.core.DatasetBuilder:
+  """Writes the images that `validation` kept (see build_tfds_dataset); returns the builder."""
+  report = validation.report
+  label_map = LabelMap.from_categories(validation.categories)
   kept: dict[str, list] = {split: [] for split in splits}  # filled while TFDS generates
 
   def generate(split: str):
     read_image = splits[split].read_image
-    for record, objects in parsed[split]:
+    for record, objects, reencode in validation.splits[split]:
       image_id = record["id"]
-      try:
-        data = _checked_image(read_image(record), record)
-      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # Missing files and most PIL failures are OSErrors; PIL reports some broken PNGs as
-        # SyntaxError and huge images as DecompressionBombError.
-        skip(report.skipped_images, f"image id {image_id} ({record['file_name']}, split "
-                                    f"{split!r}): missing or unreadable: {e}")
+      try:  # checked by validate; read again here (a file may have gone since)
+        data = coco_validation.storable_bytes(read_image(record), reencode)
+      except OSError as e:
+        report.add(coco_validation.ProblemKind.MISSING_IMAGE,
+                   f"image id {image_id} ({record['file_name']}, split {split!r}): missing or "
+                   f"unreadable: {e}", split=split, image_id=image_id,
+                   file_name=record["file_name"])
         continue
       kept[split].append((record, objects))
       yield image_id, {
@@ -344,7 +227,7 @@ def build_tfds_dataset(name: str, splits: Mapping[str, SplitSource], *,
       report.annotations[split] = sum(len(objs) for _, objs in kept[split])
       files[ground_truth_file(split)] = json.dumps(
           ground_truth_dict(kept[split], label_map))
-    files[REPORT_FILE] = json.dumps(dataclasses.asdict(report), indent=1)
+    files[REPORT_FILE] = json.dumps(report.to_json(), indent=1)
     return files
 
   builder = _Builder(
@@ -358,7 +241,7 @@ def build_tfds_dataset(name: str, splits: Mapping[str, SplitSource], *,
                           "folder to rebuild it")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder, report
+  return builder
 
 
 class _Lazy:
@@ -372,7 +255,7 @@ class _Lazy:
 
 
 def ground_truth_dict(kept: list, label_map: LabelMap) -> dict:
-  """COCO-format ground truth of [(image record, [_Object])]; annotation ids renumbered 1..N."""
+  """COCO-format ground truth of [(image record, [coco_validation.Object])]; annotation ids renumbered 1..N."""
   images, annotations = [], []
   for record, objects in kept:
     images.append({"id": record["id"], "width": record["width"], "height": record["height"],
