@@ -70,6 +70,12 @@ COCO_91_NAMES = (
 COCO_80_IDS = tuple(i for i, name in enumerate(COCO_91_NAMES) if name not in ("__background__", "N/A"))
 COCO_80_NAMES = tuple(COCO_91_NAMES[i] for i in COCO_80_IDS)
 
+# Batch-norm epsilon of the published files whose epsilon differs from the architecture's 1e-5, by the
+# first 8 hex digits of their SHA-256 (torchvision names its files `<name>-<sha256[:8]>.pth` and
+# torch.hub checks that prefix). torchvision runs its COCO v1 weights with FrozenBatchNorm eps = 0
+# (`overwrite_eps(model, 0.0)`); nothing in a v1 file's contents says so, hence the hash.
+KNOWN_NORM_EPSILON = {"torchvision_v1": {"eeacb38b": 0.0}}  # retinanet_resnet50_fpn_coco-eeacb38b.pth
+
 _NORM_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _CONV_NAMES = {"kernel": "weight", "bias": "bias"}
 _IGNORED = {
@@ -403,6 +409,33 @@ def load_into(module: nnx.Module, state: dict) -> None:
   nnx.update(module, model_state)
 
 
+def sha256_prefix(path: str) -> str:
+  """The first 8 hex digits of the file's SHA-256 (torch.hub's file-name hash)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()[:8]
+
+
+def known_norm_epsilon(source_file: str, *, source: str) -> float:
+  """The batch-norm epsilon of a published `source` file, recognized by its hash
+  (`KNOWN_NORM_EPSILON`); a `ValueError` asking for `norm_epsilon` for any other file."""
+  known = KNOWN_NORM_EPSILON[source]
+  prefix = sha256_prefix(source_file)
+  if prefix not in known:
+    raise ValueError(
+        f"{source_file}: not one of the published {source} files (its SHA-256 starts {prefix}; known: "
+        f"{sorted(known)}), so its batch-norm epsilon is unknown and no default would be right for "
+        f"every file: give norm_epsilon (scripts/convert_weights.py --norm_epsilon): 0.0 if it was "
+        f"trained or fine-tuned as torchvision's COCO v1 model runs (FrozenBatchNorm2d eps 0), 1e-5 "
+        f"for torchvision's default FrozenBatchNorm2d/BatchNorm2d (a model built and trained with "
+        f"retinanet_resnet50_fpn(weights=None) or the reference scripts)")
+  return known[prefix]
+
+
 def convert(source_file: str, output_dir: str, *, source: str, backbone: str = "resnet50",
             class_mapping: str = "keep", anchor_config: anchor_lib.AnchorConfig | None = None,
             **config_overrides) -> ModelDescription:
@@ -410,9 +443,14 @@ def convert(source_file: str, output_dir: str, *, source: str, backbone: str = "
   and `description.json`, read back by `checkpoints.load_model`); returns its description.
 
   `config_overrides` replace fields of the source's model config (`source_defaults`), e.g.
-  `norm_epsilon=1e-5` or `freeze_at=0`.
+  `norm_epsilon=1e-5` or `freeze_at=0`. For `torchvision_v1` without `norm_epsilon` the file must be
+  torchvision's published COCO file (recognized by its SHA-256, epsilon 0.0); any other v1 file is a
+  `ValueError` asking for `norm_epsilon` (`known_norm_epsilon`), instead of a silently wrong default.
   """
   defaults = source_defaults(source, backbone=backbone)
+  if source in KNOWN_NORM_EPSILON and "norm_epsilon" not in config_overrides:
+    config_overrides = {**config_overrides,
+                        "norm_epsilon": known_norm_epsilon(source_file, source=source)}
   model_fields = {**defaults["model"], **config_overrides}
   if class_mapping == "coco80":
     model_fields["num_classes"] = len(COCO_80_IDS)

@@ -35,17 +35,21 @@ flags.DEFINE_string("output", None, "Directory to write.")
 flags.DEFINE_enum("backbone", "resnet50", sorted(resnet.ARCHITECTURES), "Backbone architecture.")
 flags.DEFINE_enum("class_mapping", "keep", weights.CLASS_MAPPINGS,
                   "torchvision detection heads: 'keep' the 91 COCO-id-indexed outputs, or 'coco80'.")
-flags.DEFINE_float("norm_epsilon", None, "Batch-norm epsilon (default: the source's; torchvision v1 "
-                   "COCO weights run with 0.0, everything else with 1e-5).")
+flags.DEFINE_float("norm_epsilon", None, "Batch-norm epsilon (default: the source's, 1e-5; for "
+                   "--source=torchvision_v1 required unless the file is torchvision's published "
+                   "COCO file, recognized by its SHA-256, which runs with 0.0).")
 flags.mark_flags_as_required(["source", "input", "output"])
 
 
 def main(argv):
   del argv
   overrides = {} if FLAGS.norm_epsilon is None else {"norm_epsilon": FLAGS.norm_epsilon}
-  description = weights.convert(FLAGS.input, FLAGS.output, source=FLAGS.source,
-                                backbone=FLAGS.backbone, class_mapping=FLAGS.class_mapping,
-                                **overrides)
+  try:
+    description = weights.convert(FLAGS.input, FLAGS.output, source=FLAGS.source,
+                                  backbone=FLAGS.backbone, class_mapping=FLAGS.class_mapping,
+                                  **overrides)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   print(json.dumps({k: v for k, v in description.to_json().items() if k != "label_map"}, indent=2))
   print(f"wrote {FLAGS.output}")
 

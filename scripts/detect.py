@@ -6,11 +6,18 @@ Preprocessing is torchvision's `GeneralizedRCNNTransform` at inference: resize (
 that the short side is --min_size (800) and the long side at most --max_size (1333), normalize, pad to a
 multiple of --size_divisible (32, as torchvision; the training pipeline pads to 128). Images are run one
 at a time (a new size compiles once). Writes, in --output:
-  * `<image name>.png`: the image with the detections scoring >= --draw_threshold;
-  * `detections.json`: COCO results `[{image_id, category_id, bbox: [x, y, w, h], score}]` in original
-    pixels, all detections >= --score_threshold; `image_id` is the file name's number when it is one
-    (COCO's 000000397133.jpg -> 397133), else the image's position on the command line;
-  * `images.json`: `[{id, file_name, height, width}]`.
+  * `<image stem>.detections.png`: the image with the detections scoring >= --draw_threshold; two inputs
+    with the same stem (`a/cat.png`, `b/cat.jpg`) get `cat.detections.png` and `cat-2.detections.png`;
+  * `detections.json`: COCO results `[{image_id, category_id, category_name, bbox: [x, y, w, h], score,
+    file_name}]` in original pixels, all detections >= --score_threshold;
+  * `images.json`: `[{id, file_name, path, output_file, height, width}]` (`path` as given).
+Image ids: when every input's file name is a number and no two are equal (COCO's 000000397133.jpg ->
+397133), those numbers; otherwise each image's position on the command line (0, 1, ...). Ids are unique
+in a run either way.
+
+Nothing is ever overwritten: if one of the files to write already exists (an input image, or the output
+of an earlier run in the same --output), the command stops before running the model and names them.
+Library and backend INFO logging (Orbax, JAX's platform probe, TensorFlow) is off unless --verbose.
 """
 
 import json
@@ -32,7 +39,11 @@ flags.DEFINE_float("score_threshold", 0.05, "Keep detections scoring above this 
 flags.DEFINE_integer("max_detections", 100, "Detections per image at most.")
 flags.DEFINE_float("draw_threshold", 0.5, "Draw detections scoring at least this.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+flags.DEFINE_bool("verbose", False, "Show the INFO logging of the checkpoint library and the "
+                  "backends (off by default).")
 flags.mark_flags_as_required(["checkpoint", "output"])
+
+DETECTIONS_FILE, IMAGES_FILE = "detections.json", "images.json"
 
 
 def read_image(path: str):
@@ -43,17 +54,50 @@ def read_image(path: str):
     return np.array(image.convert("RGB"))
 
 
-def image_id_for(path: str, position: int) -> int:
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return int(stem) if stem.isdigit() else position
+def image_ids(paths) -> list[int]:
+  """One id per path, unique: the file names' numbers when all are distinct numbers, else positions."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+    return [int(s) for s in stems]
+  return list(range(len(paths)))
+
+
+def output_names(paths) -> list[str]:
+  """`<stem>.detections.png` per path, with `-2`, `-3`, ... after the stem when a name repeats."""
+  taken, names = set(), []
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = f"{stem}.detections.png", 1
+    while name in taken:
+      n += 1
+      name = f"{stem}-{n}.detections.png"
+    taken.add(name)
+    names.append(name)
+  return names
+
+
+def check_outputs(paths, output: str, names) -> None:
+  """Raises `FileExistsError` naming every file this run would overwrite (inputs included)."""
+  targets = [os.path.join(output, n) for n in (*names, DETECTIONS_FILE, IMAGES_FILE)]
+  inputs = {os.path.realpath(p) for p in paths}
+  clashes = [t for t in targets if os.path.lexists(t) or os.path.realpath(t) in inputs]
+  if clashes:
+    raise FileExistsError(
+        f"--output={output} already holds {len(clashes)} file(s) this run would write: "
+        f"{', '.join(clashes)}; nothing was written. Give an empty or new --output directory "
+        f"(detect.py never overwrites an input image or an earlier run's output).")
 
 
 def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, max_size: int = 1333,
                  size_divisible: int = 32, score_threshold: float = 0.05, max_detections: int = 100,
                  draw_threshold: float = 0.5, dtype: str = "float32") -> list[dict]:
-  """Detects objects in the image files `paths`; writes PNGs and JSON to `output`; returns the COCO
+  """Detects objects in the image files `paths`; writes PNGs and JSON to `output` (see the module
+  docstring; raises `FileExistsError` before any work if a file to write exists); returns the COCO
   results. `checkpoint`: converted weights, a training run's workdir or one of its step folders
   (`checkpoints.load_model`: the model description inside says everything)."""
+  paths = list(paths)
+  names = output_names(paths)
+  check_outputs(paths, output, names)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -64,10 +108,10 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   model = loaded.module()
   description = loaded.description
   anchor_config, convention = description.anchors, description.input_convention
-  category_ids, names = description.label_map.category_ids, description.label_map.names
+  category_ids, names_of = description.label_map.category_ids, description.label_map.names
   os.makedirs(output, exist_ok=True)
   results, images_info = [], []
-  for position, path in enumerate(paths):
+  for path, image_id, name in zip(paths, image_ids(paths), names):
     original = read_image(path)
     height, width = original.shape[:2]
     size = preprocessing.torchvision_resized_size(height, width, min_size=min_size,
@@ -82,28 +126,43 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
     valid = detections.valid[0]
     boxes, scores = detections.boxes[0][valid], detections.scores[0][valid]
     classes = detections.classes[0][valid]
-    image_id = image_id_for(path, position)
-    images_info.append({"id": image_id, "file_name": os.path.basename(path), "height": height,
-                        "width": width})
+    images_info.append({"id": image_id, "file_name": os.path.basename(path), "path": path,
+                        "output_file": name, "height": height, "width": width})
     for box, score, cls in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
       results.append({"image_id": image_id, "category_id": int(category_ids[cls]),
+                      "category_name": names_of[cls],
                       "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                      "score": float(score)})
+                      "score": float(score), "file_name": path})
     shown = scores >= draw_threshold
     picture = visualization.draw_detections(original, boxes[shown], classes[shown], scores[shown],
-                                            names=names)
-    picture.save(os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".png"))
-    print(f"{path}: {len(scores)} detections, {int(shown.sum())} drawn")
-  with open(os.path.join(output, "detections.json"), "w") as f:
-    json.dump(results, f)
-  with open(os.path.join(output, "images.json"), "w") as f:
-    json.dump(images_info, f, indent=1)
+                                            names=names_of)
+    with open(os.path.join(output, name), "xb") as f:  # "x": fails rather than overwrite
+      picture.save(f, format="PNG")
+    print(f"{path}: {len(scores)} detections, {int(shown.sum())} drawn -> {name}")
+  for file_name, obj in ((DETECTIONS_FILE, results), (IMAGES_FILE, images_info)):
+    with open(os.path.join(output, file_name), "x") as f:
+      json.dump(obj, f, indent=None if obj is results else 1)
   return results
+
+
+def quiet_libraries() -> None:
+  """Only warnings and errors from absl logging (Orbax), Python logging, TensorFlow's C++ and JAX."""
+  import logging  # pylint: disable=import-outside-toplevel
+
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  for name in ("jax", "jax._src.xla_bridge", "orbax", "absl"):
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one image file")
+  if not FLAGS.verbose:
+    quiet_libraries()
   sizes = dict(min_size=FLAGS.min_size, max_size=FLAGS.max_size, size_divisible=FLAGS.size_divisible)
   from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
   geometry = checkpoints.locate(FLAGS.checkpoint).description.geometry
@@ -111,9 +170,12 @@ def main(argv):
     defaults = dict(min_size=geometry.min_size, max_size=geometry.max_size,
                     size_divisible=geometry.pad_multiple)
     sizes = {k: v if FLAGS[k].present else defaults[k] for k, v in sizes.items()}
-  detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
-               score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
-               draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype)
+  try:
+    detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
+                 score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
+                 draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype)
+  except FileExistsError as e:
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""scripts/detect.py end to end: a converted torchvision checkpoint, two image files of arbitrary
-sizes, the command line; the JSON must agree with torchvision's model(images) on the same weights."""
+"""scripts/detect.py: a converted torchvision checkpoint, image files of arbitrary sizes; the JSON must
+agree with torchvision's model(images) on the same weights, and the command must never overwrite a
+file (inputs, earlier outputs), keep duplicate names apart, give unique ids and a quiet console."""
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -17,7 +21,13 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from retinanet_jax import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DETECT = os.path.join(REPO, "scripts", "detect.py")
 MIN_SIZE, MAX_SIZE = 96, 160
+SIZES = dict(min_size=MIN_SIZE, max_size=MAX_SIZE)
+
+_spec = importlib.util.spec_from_file_location("detect_script", DETECT)
+detect_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(detect_script)
 
 
 def small_torchvision_retinanet(images):
@@ -46,46 +56,136 @@ def small_torchvision_retinanet(images):
   return model
 
 
-def test_detect_script_matches_torchvision(tmp_path):
+def _originals():
   rng = np.random.default_rng(0)
-  originals = [rng.integers(0, 256, (71, 103, 3), dtype=np.uint8),
-               rng.integers(0, 256, (130, 57, 3), dtype=np.uint8)]
-  paths = [str(tmp_path / "000000000042.png"), str(tmp_path / "tall.png")]
-  for image, path in zip(originals, paths):
-    Image.fromarray(image).save(path)
-  tensors = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in originals]
+  return [rng.integers(0, 256, (71, 103, 3), dtype=np.uint8),
+          rng.integers(0, 256, (130, 57, 3), dtype=np.uint8)]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """`(checkpoint dir, torchvision reference model)`, converted once for this module."""
+  tmp = tmp_path_factory.mktemp("detect_ckpt")
+  tensors = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in _originals()]
   reference = small_torchvision_retinanet(tensors)
-  torch.save(reference.state_dict(), tmp_path / "r18.pth")
-  weights.convert(str(tmp_path / "r18.pth"), str(tmp_path / "ckpt"), source="torchvision_v1",
+  torch.save(reference.state_dict(), tmp / "r18.pth")
+  weights.convert(str(tmp / "r18.pth"), str(tmp / "ckpt"), source="torchvision_v1",
                   backbone="resnet18", norm_epsilon=1e-5)
-  with torch.no_grad():
-    expected = [reference([t])[0] for t in tensors]  # one at a time, as the script runs them
+  return str(tmp / "ckpt"), reference
+
+
+def _write(folder, name, image):
+  os.makedirs(folder, exist_ok=True)
+  Image.fromarray(image).save(os.path.join(folder, name))
+  return os.path.join(folder, name)
+
+
+def _digests(folder):
+  return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+          for n in sorted(os.listdir(folder))}
+
+
+def test_detect_files_matches_torchvision(converted, tmp_path):
+  checkpoint, reference = converted
+  originals = _originals()
+  paths = [_write(tmp_path, "000000000042.png", originals[0]), _write(tmp_path, "tall.png", originals[1])]
+  with torch.no_grad():  # one at a time, as the script runs them
+    expected = [reference([torch.from_numpy(i).permute(2, 0, 1).float() / 255])[0] for i in originals]
 
   out = tmp_path / "out"
-  command = [sys.executable, os.path.join(REPO, "scripts", "detect.py"),
-             f"--checkpoint={tmp_path / 'ckpt'}", f"--output={out}", f"--min_size={MIN_SIZE}",
-             f"--max_size={MAX_SIZE}", "--draw_threshold=0.1", "--max_detections=300", *paths]
-  run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-  assert run.returncode == 0, run.stderr[-3000:]
+  results = detect_script.detect_files(paths, checkpoint=checkpoint, output=str(out), **SIZES,
+                                       draw_threshold=0.1, max_detections=300)
 
-  with open(out / "images.json") as f:
-    assert json.load(f) == [{"id": 42, "file_name": "000000000042.png", "height": 71, "width": 103},
-                            {"id": 1, "file_name": "tall.png", "height": 130, "width": 57}]
-  for name, image in zip(("000000000042.png", "tall.png"), originals):
+  with open(out / "images.json") as f:  # not all names are numbers: ids are positions
+    assert json.load(f) == [
+        {"id": 0, "file_name": "000000000042.png", "path": paths[0],
+         "output_file": "000000000042.detections.png", "height": 71, "width": 103},
+        {"id": 1, "file_name": "tall.png", "path": paths[1], "output_file": "tall.detections.png",
+         "height": 130, "width": 57}]
+  for name, image in zip(("000000000042.detections.png", "tall.detections.png"), originals):
     with Image.open(out / name) as picture:
       assert picture.size == (image.shape[1], image.shape[0])
   with open(out / "detections.json") as f:
-    results = json.load(f)
-  assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
-  for image_id, ref in zip((42, 1), expected):
+    assert json.load(f) == results
+  assert set(results[0]) == {"image_id", "category_id", "category_name", "bbox", "score", "file_name"}
+  for r in results:  # 91 classes kept: category id = label, names are torchvision's
+    assert r["category_name"] == weights.COCO_91_NAMES[r["category_id"]]
+    assert r["file_name"] == paths[r["image_id"]]
+  for image_id, ref in enumerate(expected):
     ours = [r for r in results if r["image_id"] == image_id]
     assert 5 < len(ref["scores"]) == len(ours) < 300
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in ours)])
     scores = np.array([r["score"] for r in ours])
-    classes = np.array([r["category_id"] for r in ours])  # 91 classes kept: category id = label
+    classes = np.array([r["category_id"] for r in ours])
     used = np.zeros(len(ours), bool)
     for box, score, label in zip(ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()):
       ok = ((~used) & (classes == label) & (np.abs(boxes - box).max(axis=1) < 0.05)
             & (np.abs(scores - score) < 1e-4))
       assert ok.any(), (image_id, box, score, label)
       used[np.argmax(ok)] = True
+
+
+def test_output_in_the_input_folder_never_overwrites(converted, tmp_path):
+  checkpoint, _ = converted
+  photos = tmp_path / "photos"
+  image = _originals()[0]
+  paths = [_write(photos, "cat.png", image), _write(photos, "0.png", image[::-1])]
+  before = _digests(photos)
+  detect_script.detect_files(paths, checkpoint=checkpoint, output=str(photos), **SIZES)
+  after = _digests(photos)
+  assert {n: after[n] for n in before} == before  # every input byte-identical
+  assert set(after) - set(before) == {"cat.detections.png", "0.detections.png", "detections.json",
+                                      "images.json"}
+  # A second run into the same folder would overwrite the first one's outputs: refused, unchanged.
+  with pytest.raises(FileExistsError, match=r"cat\.detections\.png.*nothing was written"):
+    detect_script.detect_files(paths, checkpoint=checkpoint, output=str(photos), **SIZES)
+  assert _digests(photos) == after
+  # A user's file that has an output's name is never written over either.
+  more = tmp_path / "more"
+  paths = [_write(more, "dog.png", image), _write(more, "dog.detections.png", image)]
+  before = _digests(more)
+  with pytest.raises(FileExistsError, match=r"holds 1 file.*more/dog\.detections\.png;"):
+    detect_script.detect_files(paths[:1], checkpoint=checkpoint, output=str(more), **SIZES)
+  assert _digests(more) == before
+
+
+def test_duplicate_names_and_unique_ids(converted, tmp_path):
+  checkpoint, _ = converted
+  image = _originals()[1]
+  paths = [_write(tmp_path / "a", "7.png", image), _write(tmp_path / "b", "7.png", image[:, ::-1]),
+           _write(tmp_path / "b", "007.jpg", image[::-1])]
+  out = tmp_path / "out"
+  detect_script.detect_files(paths, checkpoint=checkpoint, output=str(out), **SIZES)
+  with open(out / "images.json") as f:
+    images = json.load(f)
+  # 7, 7 and 007 are the same number: positions instead, so the ids stay unique.
+  assert [(i["id"], i["path"], i["output_file"]) for i in images] == [
+      (0, paths[0], "7.detections.png"), (1, paths[1], "7-2.detections.png"),
+      (2, paths[2], "007.detections.png")]
+  with Image.open(out / "7.detections.png") as p1, Image.open(out / "7-2.detections.png") as p2:
+    assert not np.array_equal(np.asarray(p1), np.asarray(p2))  # two different pictures
+
+
+def test_image_ids_and_output_names():
+  assert detect_script.image_ids(["a/000000397133.jpg", "b/42.png"]) == [397133, 42]
+  assert detect_script.image_ids(["cat.png", "0.png"]) == [0, 1]  # both 0 before
+  assert detect_script.image_ids(["x/1.png", "y/1.jpg"]) == [0, 1]
+  assert detect_script.output_names(["a/cat.png", "b/cat.jpg", "cat-2.png", "c/cat.png"]) == [
+      "cat.detections.png", "cat-2.detections.png", "cat-2-2.detections.png", "cat-3.detections.png"]
+
+
+def test_console_is_quiet_unless_verbose(converted, tmp_path):
+  checkpoint, _ = converted
+  path = _write(tmp_path, "photo.png", _originals()[0])
+
+  def run(*flags):
+    command = [sys.executable, DETECT, f"--checkpoint={checkpoint}", f"--min_size={MIN_SIZE}",
+               f"--max_size={MAX_SIZE}", *flags, path]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+  quiet = run(f"--output={tmp_path / 'quiet'}")
+  assert quiet.splitlines() == [f"{path}: 100 detections, 0 drawn -> photo.detections.png"], quiet
+  loud = run(f"--output={tmp_path / 'loud'}", "--verbose")  # Orbax's and the backends' INFO lines
+  assert "orbax-checkpoint version" in loud and len(loud.splitlines()) > 2, loud

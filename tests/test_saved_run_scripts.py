@@ -39,9 +39,10 @@ def test_evaluate_and_detect_a_training_workdir_without_config(tmp_path_factory)
   Image.new("RGB", (80, 60), (120, 40, 200)).save(image)
   _run([os.path.join(REPO, "scripts", "detect.py"), f"--checkpoint={workdir}",
         f"--output={out / 'detect'}", str(image)], tmp_path_factory, cwd=str(out))
-  assert os.path.isfile(out / "detect" / "photo.png")
+  assert os.path.isfile(out / "detect" / "photo.detections.png")
   with open(out / "detect" / "images.json") as f:
-    assert json.load(f) == [{"id": 0, "file_name": "photo.png", "height": 60, "width": 80}]
+    assert json.load(f) == [{"id": 0, "file_name": "photo.png", "path": str(image),
+                             "output_file": "photo.detections.png", "height": 60, "width": 80}]
   with open(os.path.join(workdir, "label_map.json")) as f:
     category_ids = {row["category_id"] for row in json.load(f)["labels"]}
   with open(out / "detect" / "detections.json") as f:

@@ -1,6 +1,7 @@
 """Checkpoint import: key mappings (golden), detectron2's anchor permutation, caffe2 names, errors, and
 the converted-checkpoint directory (Orbax state + metadata) end to end against torchvision."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -374,3 +375,24 @@ def test_torchvision_imagenet_backbone_ignores_fc():
   assert set(converted) == {"backbone"}
   np.testing.assert_array_equal(converted["backbone"]["res5"][1]["conv2"]["norm"]["scale"],
                                 state_dict["layer4.1.bn2.weight"])
+
+
+def test_torchvision_v1_norm_epsilon_from_the_file_hash_or_required(tmp_path, monkeypatch):
+  path = str(tmp_path / "retinanet_r18.pth")
+  torch.save(small_torchvision_retinanet().state_dict(), path)
+  # Not torchvision's published file: no silent 0.0 (off by up to 0.07 px), a clear request instead.
+  with pytest.raises(ValueError, match=r"retinanet_r18\.pth: not one of the published torchvision_v1 "
+                     r"files \(its SHA-256 starts [0-9a-f]{8}; known: \['eeacb38b'\]\).*give norm_epsilon"):
+    weights.convert(path, str(tmp_path / "a"), source="torchvision_v1", backbone="resnet18")
+  assert not os.path.exists(tmp_path / "a")
+  # The published file is recognized by its hash (here: this file registered as if it were).
+  prefix = hashlib.sha256(open(path, "rb").read()).hexdigest()[:8]
+  assert weights.sha256_prefix(path) == prefix
+  monkeypatch.setitem(weights.KNOWN_NORM_EPSILON, "torchvision_v1", {"eeacb38b": 0.0, prefix: 0.0})
+  description = weights.convert(path, str(tmp_path / "b"), source="torchvision_v1", backbone="resnet18")
+  assert description.model.norm_epsilon == 0.0
+  # An explicit value wins and needs no hash.
+  monkeypatch.setitem(weights.KNOWN_NORM_EPSILON, "torchvision_v1", {})
+  description = weights.convert(path, str(tmp_path / "c"), source="torchvision_v1", backbone="resnet18",
+                                norm_epsilon=1e-5)
+  assert description.model.norm_epsilon == 1e-5

@@ -1,0 +1,68 @@
+"""Export a trained or converted RetinaNet with normalization, network, decoding and NMS inside.
+
+    python scripts/export.py --checkpoint=weights/tv_v1 --format=stablehlo --output=export/tv_v1_hlo \
+        --image_size=800,1344
+    python scripts/export.py --checkpoint=runs/r50 --format=savedmodel --output=export/r50_tf \
+        --image_size=512,512 --batch_size=1
+
+The artifact takes uint8 images `[B, H, W, 3]` (each image at the top-left of the H x W canvas) and
+their valid sizes int32 `[B, 2]`, and returns boxes `[B, D, 4]` in the canvas' pixels, scores, class
+indices and a validity mask (retinanet_jax/export.py). `signature.json`, `description.json` and
+`labels.json` are written next to it. --output must be new or empty: nothing is overwritten.
+--batch_size: 'dynamic' (StableHLO's default: any batch) or N (a SavedModel needs N; default 1).
+"""
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Converted weights, a training workdir or one step's folder.")
+flags.DEFINE_enum("format", None, ["stablehlo", "savedmodel"], "Artifact format.")
+flags.DEFINE_string("output", None, "New or empty directory to write.")
+flags.DEFINE_list("image_size", ["800", "1344"], "H,W of the input canvas (fixed in the artifact).")
+flags.DEFINE_string("batch_size", None, "N or 'dynamic' (default: dynamic for stablehlo, 1 for "
+                    "savedmodel).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype of the network "
+                  "(decoding and NMS stay float32).")
+flags.DEFINE_float("score_threshold", 0.05, "Keep detections scoring above this.")
+flags.DEFINE_integer("max_detections", 100, "D, detections per image.")
+flags.DEFINE_float("nms_threshold", 0.5, "Class-wise NMS IoU threshold.")
+flags.DEFINE_integer("topk_candidates", 1000, "Candidates per pyramid level before NMS.")
+flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logging.")
+flags.mark_flags_as_required(["checkpoint", "format", "output"])
+
+
+def parse_batch_size(value, fmt: str):
+  if value is None:
+    return None if fmt == "stablehlo" else 1
+  if value == "dynamic":
+    return None
+  if not value.isdigit() or int(value) < 1:
+    raise app.UsageError(f"--batch_size must be a positive integer or 'dynamic', got {value!r}")
+  return int(value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.verbose:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    logging.set_verbosity(logging.WARNING)
+  if len(FLAGS.image_size) != 2 or not all(s.isdigit() for s in FLAGS.image_size):
+    raise app.UsageError(f"--image_size must be H,W, got {','.join(FLAGS.image_size)}")
+  from retinanet_jax import checkpoints, export  # pylint: disable=import-outside-toplevel
+
+  try:
+    spec = export.ExportSpec(image_size=tuple(int(s) for s in FLAGS.image_size),
+                             batch_size=parse_batch_size(FLAGS.batch_size, FLAGS.format),
+                             score_threshold=FLAGS.score_threshold,
+                             topk_candidates=FLAGS.topk_candidates,
+                             nms_threshold=FLAGS.nms_threshold, max_detections=FLAGS.max_detections)
+    loaded = checkpoints.load_model(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    export.export_model(loaded, FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
+  except (ValueError, FileExistsError) as e:
+    raise app.UsageError(str(e)) from None
+  print(f"wrote {FLAGS.output} ({FLAGS.format}, input uint8 {spec.signature()['inputs']['images']['shape']})")
+
+
+if __name__ == "__main__":
+  app.run(main)
