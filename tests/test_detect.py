@@ -3,7 +3,6 @@ agree with torchvision's model(images) on the same weights, and the command must
 file (inputs, earlier outputs), keep duplicate names apart, give unique ids and a quiet console."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,15 +18,13 @@ from torchvision.models.detection.retinanet import RetinaNet as TorchRetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet_jax import weights
+from scripts import detect as detect_script  # one module object: its absl flags are defined once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETECT = os.path.join(REPO, "scripts", "detect.py")
 MIN_SIZE, MAX_SIZE = 96, 160
 SIZES = dict(min_size=MIN_SIZE, max_size=MAX_SIZE)
 
-_spec = importlib.util.spec_from_file_location("detect_script", DETECT)
-detect_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(detect_script)
 
 
 def small_torchvision_retinanet(images):
