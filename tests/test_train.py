@@ -133,7 +133,7 @@ def test_short_synthetic_run_learns(tmp_path):
   results = detect_script.detect_files([str(image_path)], checkpoint=str(workdir),
                                        output=str(tmp_path / "detect"),
                                        min_size=SIZE, max_size=SIZE, size_divisible=64)
-  assert os.path.isfile(tmp_path / "detect" / "one.png")
+  assert os.path.isfile(tmp_path / "detect" / "one.detections.png")
   assert all(r["category_id"] in train_lib_data.label_map(config.data).category_ids for r in results)
 
 
