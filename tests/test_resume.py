@@ -40,17 +40,22 @@ def _saving(workdir):
 
 
 def _fresh_input_position(workdir, since):
-  """A step whose input position folder was made after `since` (a time) and whose checkpoint is not
-  committed, or None. (A killed run leaves such folders; the next run deletes them first.)"""
+  """A step whose input position folder holds a file written after `since` (a time) and whose
+  checkpoint is not committed, or None. (A killed run leaves such folders; the next run deletes them
+  first. The folder's own mtime is no witness: deleting the files in it updates it too, so a poll
+  during that deletion took the old folder for a fresh one.)"""
   committed = set(_committed(workdir))
   folder = os.path.join(workdir, "input_state")
   pending = []
   for name in _entries(workdir, "input_state"):
+    if not name.isdigit() or int(name) in committed:
+      continue
     try:
-      made = os.path.getmtime(os.path.join(folder, name))
+      files = os.listdir(os.path.join(folder, name))
+      written = [os.path.getmtime(os.path.join(folder, name, f)) for f in files]
     except FileNotFoundError:  # deleted meanwhile
       continue
-    if name.isdigit() and int(name) not in committed and made > since:
+    if any(t > since for t in written):
       pending.append(int(name))
   return max(pending) if pending else None
 
