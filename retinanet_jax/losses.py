@@ -27,9 +27,10 @@ IGNORE = labeling.IGNORE
 
 
 def _check_alpha_gamma(alpha, gamma):
-  if alpha is not None and not 0.0 <= alpha <= 1.0:
+  """Checks Python-number hyper-parameters; arrays (e.g. traced under `jax.vmap`) are not checked."""
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be None or in [0, 1], got {alpha}")
-  if gamma < 0:
+  if isinstance(gamma, (int, float)) and gamma < 0:
     raise ValueError(f"gamma must be >= 0, got {gamma}")
 
 
@@ -57,6 +58,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha: Optional[float] = 0.25, gamma:
     targets: float `[...]` in [0, 1] (usually 0/1), same shape as `logits`.
     alpha: weight of the positive class in [0, 1]; 0.25 in the paper. `None`: no alpha weighting.
     gamma: focusing parameter >= 0; 2 in the paper.
+    Both may also be float scalar arrays, traced or not, so that `jax.vmap` and `jax.grad` can run
+    over them (`jax.vmap(lambda g: sigmoid_focal_loss(x, t, gamma=g))(gammas)`); array values are
+    not range-checked.
 
   Returns:
     float32 `[...]`, the loss per element; equals `torchvision.ops.sigmoid_focal_loss(...,
@@ -70,7 +74,7 @@ def sigmoid_focal_loss(logits, targets, *, alpha: Optional[float] = 0.25, gamma:
   log_p, log_not_p = _log_sigmoids(logits)
   ce = -(targets * log_p + (1.0 - targets) * log_not_p)
   loss = ce
-  if gamma != 0:
+  if not isinstance(gamma, (int, float)) or gamma != 0:
     # log(1 - p_t) = log(t (1 - p) + (1 - t) p)
     log_one_minus_pt = jnp.logaddexp(jnp.log(targets) + log_not_p, jnp.log1p(-targets) + log_p)
     loss = loss * jnp.exp(gamma * log_one_minus_pt)
@@ -206,12 +210,13 @@ def sigmoid_focal_loss_from_labels(logits, labels, *, alpha: Optional[float] = 0
   Returns:
     float32 `[...]`: the loss of each anchor, summed over its K classes; 0 for ignored anchors.
   """
+  alpha = None if alpha is None else float(alpha)  # static here: the custom JVP closes over them
+  gamma = float(gamma)
   _check_alpha_gamma(alpha, gamma)
   logits = jnp.asarray(logits, jnp.float32)
   if labels.shape != logits.shape[:-1]:
     raise ValueError(f"labels must be logits.shape[:-1] = {logits.shape[:-1]}, got {labels.shape}")
-  return _focal_from_labels(logits, jnp.asarray(labels, jnp.int32), alpha,
-                            float(gamma))
+  return _focal_from_labels(logits, jnp.asarray(labels, jnp.int32), alpha, gamma)
 
 
 def l1_loss(predictions, targets):
