@@ -122,8 +122,9 @@ def label_names(config: SyntheticConfig) -> tuple[str, ...]:
   return SHAPES[:config.num_classes]
 
 
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Boolean mask of `shape` at normalized coordinates u (x), v (y) in [-1, 1] of its box."""
+def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """Boolean mask of `shape` (one of `SHAPES`) at normalized coordinates u (x), v (y), which are in
+  [-1, 1] inside the shape's box (any array shape; the result has the broadcast shape)."""
   au, av = np.abs(u), np.abs(v)
   if shape == "square":
     return (au <= 1) & (av <= 1)
@@ -219,7 +220,7 @@ def render_image(rng: np.random.Generator, config: SyntheticConfig):
       label, (x0, y0, w, h), colour = _sample_object(rng, config)
       u = (xx - x0) / w * 2 - 1
       v = (yy - y0) / h * 2 - 1
-      mask = _shape_mask(SHAPES[label], u, v)
+      mask = shape_mask(SHAPES[label], u, v)
       area = int(mask.sum())
       # Every earlier object keeps at least min_visible of its pixels once this one covers it.
       if area >= 4 and all((vis & ~mask).sum() >= config.min_visible * full
