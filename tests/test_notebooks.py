@@ -50,7 +50,10 @@ def test_notebook_runs_in_tiny_mode(name, kernel_dirs, tmp_path, monkeypatch):
                           kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
   client = NotebookClient(notebook, km=manager, timeout=900, startup_timeout=120,
                           resources={"metadata": {"path": str(NOTEBOOKS)}})
+  pictures = sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs" / "images").glob("*"))
   client.execute()  # raises CellExecutionError (with the cell's traceback) on any error
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs" / "images").glob("*")) == \
+      pictures, "tiny mode must leave docs/images alone"
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs), \
