@@ -51,7 +51,11 @@ def test_notebook_runs_in_tiny_mode(name, kernel_dirs, tmp_path, monkeypatch):
   client = NotebookClient(notebook, km=manager, timeout=900, startup_timeout=120,
                           resources={"metadata": {"path": str(NOTEBOOKS)}})
   pictures = sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs" / "images").glob("*"))
-  client.execute()  # raises CellExecutionError (with the cell's traceback) on any error
+  try:
+    client.execute()  # raises CellExecutionError (with the cell's traceback) on any error
+  finally:  # a client given its manager (km=...) leaves the kernel running
+    if manager.has_kernel:
+      manager.shutdown_kernel(now=True)
   assert sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs" / "images").glob("*")) == \
       pictures, "tiny mode must leave docs/images alone"
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
