@@ -149,6 +149,8 @@ def main(argv):
     config_lib.Config.from_config_dict(FLAGS.config)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  if not FLAGS.config.eval.at_end:
+    raise app.UsageError("--config.eval.at_end=False: the ablation compares the runs' final COCO AP")
   alphas, gammas, tuned = parse_settings(FLAGS.alphas, FLAGS.gammas, FLAGS.tuned_alphas)
   output = os.path.abspath(FLAGS.output)
   plan = {"config": FLAGS.config.to_dict(), "alphas": alphas, "gammas": gammas,
