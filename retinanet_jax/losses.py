@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from retinanet_jax import boxes as box_lib
 from retinanet_jax import labeling
@@ -26,11 +27,16 @@ BACKGROUND = labeling.BACKGROUND
 IGNORE = labeling.IGNORE
 
 
+def _is_number(x) -> bool:
+  """A Python or NumPy number (checked and specialized on), as opposed to a JAX array (maybe traced)."""
+  return isinstance(x, (int, float, np.integer, np.floating))
+
+
 def _check_alpha_gamma(alpha, gamma):
-  """Checks Python-number hyper-parameters; arrays (e.g. traced under `jax.vmap`) are not checked."""
-  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+  """Checks number hyper-parameters; JAX arrays (e.g. traced under `jax.vmap`) are not checked."""
+  if _is_number(alpha) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be None or in [0, 1], got {alpha}")
-  if isinstance(gamma, (int, float)) and gamma < 0:
+  if _is_number(gamma) and gamma < 0:
     raise ValueError(f"gamma must be >= 0, got {gamma}")
 
 
@@ -58,9 +64,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha: Optional[float] = 0.25, gamma:
     targets: float `[...]` in [0, 1] (usually 0/1), same shape as `logits`.
     alpha: weight of the positive class in [0, 1]; 0.25 in the paper. `None`: no alpha weighting.
     gamma: focusing parameter >= 0; 2 in the paper.
-    Both may also be float scalar arrays, traced or not, so that `jax.vmap` and `jax.grad` can run
-    over them (`jax.vmap(lambda g: sigmoid_focal_loss(x, t, gamma=g))(gammas)`); array values are
-    not range-checked.
+    Both may also be JAX float scalars, traced or not, so that `jax.vmap` and `jax.grad` can run
+    over them (`jax.vmap(lambda g: sigmoid_focal_loss(x, t, gamma=g))(gammas)`); those are not
+    range-checked (Python and NumPy numbers are).
 
   Returns:
     float32 `[...]`, the loss per element; equals `torchvision.ops.sigmoid_focal_loss(...,
@@ -74,7 +80,7 @@ def sigmoid_focal_loss(logits, targets, *, alpha: Optional[float] = 0.25, gamma:
   log_p, log_not_p = _log_sigmoids(logits)
   ce = -(targets * log_p + (1.0 - targets) * log_not_p)
   loss = ce
-  if not isinstance(gamma, (int, float)) or gamma != 0:
+  if not _is_number(gamma) or gamma != 0:
     # log(1 - p_t) = log(t (1 - p) + (1 - t) p)
     log_one_minus_pt = jnp.logaddexp(jnp.log(targets) + log_not_p, jnp.log1p(-targets) + log_p)
     loss = loss * jnp.exp(gamma * log_one_minus_pt)
