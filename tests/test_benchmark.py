@@ -26,6 +26,8 @@ EXPECTED_ROWS = (
     ("input", "input pipeline LSJ"), ("input", "input pipeline resize"),
     ("accelerator", "training step bfloat16 96x96 at the largest batch"),
     ("accelerator", "batch 1 (latency)"), ("accelerator", "batch 4 (throughput)"),
+    ("deploy", "in-process jit 96x96"), ("deploy", "StableHLO (jax.export) 96x96"),
+    ("deploy", "SavedModel (TensorFlow) 96x96"), ("deploy", "ONNX (onnxruntime) 96x96"),
 )
 
 
@@ -189,3 +191,14 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
   assert text.startswith("# Benchmarks\n\nintro\n<!-- benchmark:begin -->\nnew table\n<!-- benchmark:end -->\ntail\n")
   assert text.endswith("<!-- benchmark-accelerator:begin -->\ngpu rows\n<!-- benchmark-accelerator:end -->\n")
   assert "old" not in text
+
+
+def test_deploy_rows_time_forms_that_compute_the_same_detections(quick_table):
+  """Each exported form's row: its time against the in-process model's, and its sorted scores within
+  1e-5 of the in-process model's (the same detections; tests/test_export.py checks them fully)."""
+  forms = [c for (s, case), c in quick_table.items() if s == "deploy" and "in-process" not in case]
+  assert len(forms) == 3
+  for cells in forms:
+    ratio, difference = re.search(r"([\d.]+)x the in-process time; sorted scores within (\S+) of it",
+                                  cells[8]).groups()
+    assert float(ratio) > 0 and float(difference) < 1e-5, cells
