@@ -26,7 +26,8 @@ best `D` over all classes of the per-class survivors are the first `D` rounds of
 NMS. They can differ only (1) in the order in which exactly tied scores of one class are visited
 (onnxruntime: a heap, unspecified; ours: the lower candidate index), which changes the result only if
 the tied boxes overlap by more than the threshold; (2) where an IoU is within float32 rounding of the
-threshold (onnxruntime computes it in another order of operations); and (3) as the network's float32
+threshold (both compute `inter / (area1 + area2 - inter)` in float32, but XLA may fuse it differently);
+and (3) as the network's float32
 results differ between onnxruntime and XLA (measured ~1e-7 in score), candidates whose scores differ
 by less than that can swap places in the output. The tests compare detections as matched sets.
 
