@@ -23,14 +23,14 @@ SUITE_CASES = {
 
 
 def suite_cases(suite: str, *, quick: bool) -> tuple:
-  """The cases of `suite`. 'all' is the four CPU suites, plus the accelerator and deploy suites in
-  quick mode (so that the tests run them; deploy's full run takes its own --suite=deploy). The CPU suites run torchvision on the CPU, so on a GPU or TPU
+  """The cases of `suite`. 'all' is the four CPU suites, plus the accelerator suite in quick mode (so
+  that the tests run it on the CPU); 'deploy' runs on its own (--suite=deploy). The CPU suites run torchvision on the CPU, so on a GPU or TPU
   host they would compare different hardware: there they need JAX_PLATFORMS=cpu, and the device rows
   come from --suite=accelerator."""
   import jax
   if suite not in SUITES:
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-  names = list(CPU_SUITES) + (["accelerator", "deploy"] if quick else []) if suite == "all" else [suite]
+  names = list(CPU_SUITES) + (["accelerator"] if quick else []) if suite == "all" else [suite]
   if jax.default_backend() != "cpu" and set(names) & {*CPU_SUITES, "deploy"}:
     raise ValueError(f"--suite={suite} compares against torchvision on the CPU but JAX runs on "
                      f"{jax.default_backend()}: run it with JAX_PLATFORMS=cpu, and use "
