@@ -81,7 +81,10 @@ def test_accelerator_rows_report_model_flop_utilization(quick_table):
   assert ours > 0 and peer > 0
   # Time per image: the ratio is the images/s ratio, whatever batch each side fits.
   rate_ours, rate_peer = (float(x) for x in re.search(r"([\d.]+) vs ([\d.]+) images/s", train[0][8]).groups())
-  np.testing.assert_allclose(_number(train[0][4]), rate_ours / rate_peer, rtol=0.05)
+  # The text rounds each rate to 0.1 images/s: allow that rounding (it is large at the low rates of
+  # a loaded machine) on top of the table's own rounding.
+  rounding = 0.05 / rate_ours + 0.05 / rate_peer
+  np.testing.assert_allclose(_number(train[0][4]), rate_ours / rate_peer, rtol=0.05 + rounding)
 
 
 def test_persistent_cache_is_hit_by_the_second_process(quick_table):
