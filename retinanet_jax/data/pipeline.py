@@ -169,11 +169,15 @@ def train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: 
   def transform(position, fields):
     example = sources.decode_example(fields, kind)
     return transforms.preprocess(example, config=config, train=True,
-                                 seed=tf.stack([tf.constant(seed, tf.int64), position]))
+                                 seed=tf.stack([tf.constant(seed, tf.int64), position]),
+                                 image_padding=transforms.ImagePadding.VALID)
 
   ds = ds.map(transform, num_parallel_calls=_num_parallel_calls(data_config),
               deterministic=bool(options.deterministic))
-  ds = ds.batch(len(rows), drop_remainder=True)
+  # Images are zero-padded while batching (written once into the batch; see ImagePadding).
+  padded_shapes = {key: spec.shape for key, spec in ds.element_spec.items()}
+  padded_shapes["image"] = tf.TensorShape([*transforms.padded_hw(config), 3])
+  ds = ds.padded_batch(len(rows), padded_shapes=padded_shapes, drop_remainder=True)
   ds = ds.prefetch(int(data_config.prefetch))
   return ds.with_options(options)
 
