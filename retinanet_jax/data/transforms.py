@@ -14,7 +14,8 @@ Geometry (all boxes `[x1, y1, x2, y2]` float32 pixels; `h0, w0` original size, `
   dropped when a side is <= `min_box_side`.
 * Horizontal flip (train, probability `hflip_prob`) of the valid region of width `w`:
   `x1' = w - x2, x2' = w - x1`.
-* The image is zero-padded at the bottom/right to the static `padded_hw(config)`; boxes are padded
+* The image is zero-padded at the bottom/right to the static `padded_hw(config)` (by the caller while
+  batching with `ImagePadding.VALID`); boxes are padded
   to `max_boxes` rows (first `max_boxes` kept) with `box_mask`.
 
 Randomness is stateless: every draw is a function of the example's `seed` ([2] int64), so a
@@ -117,8 +118,9 @@ def _resize(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
 def _round_to_uint8(image: tf.Tensor) -> tf.Tensor:
   """float32 -> uint8: round half to even, then clip to [0, 255] (NaN must be removed first).
 
-  The bytes of `tf.saturate_cast(tf.round(x), tf.uint8)` in one fused kernel (QuantizeV2 with
-  scale 255 / 255 = 1) instead of three passes over the image.
+  The bytes of `tf.saturate_cast(tf.round(x), tf.uint8)` in one fused kernel instead of three passes
+  over the image: QuantizeV2 in SCALED mode is documented as `round(min(max_range, max(min_range,
+  x)) * scale_factor)` with, for quint8, `scale_factor = 255 / max_range` = 1 here.
   """
   out = tf.raw_ops.QuantizeV2(input=image, min_range=tf.constant(0.0), max_range=tf.constant(255.0),
                               T=tf.quint8, mode="SCALED", round_mode="HALF_TO_EVEN")
