@@ -126,3 +126,20 @@ def _coco_labels():
 def test_config_files_load_by_path_with_a_variant():
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":smoke")
   assert c.train.steps == 3 and c.model.backbone == "resnet18"
+
+
+def test_eval_max_dets_are_checked_against_max_detections():
+  c = config_lib.default_config()
+  assert config_lib.Config.from_config_dict(c).eval.max_dets == (1, 10, 100)
+  c.eval.max_dets = [1, 10, 100, 300]  # a list, as JSON gives it back
+  c.eval.max_detections = 300
+  typed = config_lib.Config.from_config_dict(c)
+  assert typed.eval.max_dets == (1, 10, 100, 300)
+  assert config_lib.Config.from_json(json.loads(json.dumps(typed.to_json()))) == typed
+  c.eval.max_detections = 200
+  with pytest.raises(config_lib.ConfigError, match=r"eval: max_dets \(1, 10, 100, 300\) ends above "
+                     r"max_detections=200.*raise max_detections to >= 300"):
+    config_lib.Config.from_config_dict(c)
+  c.eval.max_dets = (10, 1)
+  with pytest.raises(config_lib.ConfigError, match="eval: max_dets must be strictly increasing"):
+    config_lib.Config.from_config_dict(c)

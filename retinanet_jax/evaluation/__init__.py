@@ -5,7 +5,11 @@ The pycocotools functions are re-exported here (`evaluation.coco_evaluate`, ...)
 JAX; `Evaluator` is imported from `retinanet_jax.evaluation.evaluator`.
 """
 
-from retinanet_jax.evaluation.coco import (METRIC_NAMES, coco_evaluate, detections_to_coco,
-                                           format_table, write_metrics)
+from retinanet_jax.evaluation.coco import (BACKENDS, DEFAULT_MAX_DETS, METRIC_NAMES, CocoResult,
+                                           coco_evaluate, detections_to_coco, evaluate_detections,
+                                           format_report, format_table, metric_names,
+                                           write_metrics)
 
-__all__ = ["METRIC_NAMES", "coco_evaluate", "detections_to_coco", "format_table", "write_metrics"]
+__all__ = ["BACKENDS", "DEFAULT_MAX_DETS", "METRIC_NAMES", "CocoResult", "coco_evaluate",
+           "detections_to_coco", "evaluate_detections", "format_report", "format_table",
+           "metric_names", "write_metrics"]

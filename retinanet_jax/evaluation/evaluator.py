@@ -3,6 +3,7 @@
     evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=eval_graphdef,
                                    description=description, mesh=mesh)
     metrics, detections = evaluator.run(params, rest)
+    result, detections = evaluator.evaluate(params, rest)  # metrics, AP per category, maxDets
 
 One evaluator serves training (evaluations during and after the run), scripts/evaluate.py (a saved
 model) and the benchmark. Built once, from the evaluation input, its COCO ground truth, and the model's
@@ -73,12 +74,15 @@ class Evaluator:
     ground_truth: its COCO ground truth (original pixels, dataset category ids).
     label_map: the model's classes -> dataset category ids and names.
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
+    max_dets, backend: the COCO evaluation's maxDets and engine (`config.EvalConfig`).
   """
 
   eval_input: Any
   ground_truth: dict
   label_map: labels_lib.LabelMap
   step_fn: Any
+  max_dets: tuple = coco.DEFAULT_MAX_DETS
+  backend: str = "pycocotools"
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
@@ -96,14 +100,21 @@ class Evaluator:
                                 input_convention=description.input_convention,
                                 eval_config=eval_config, mesh=mesh)
     return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
-               label_map=description.label_map, step_fn=step_fn)
+               label_map=description.label_map, step_fn=step_fn,
+               max_dets=tuple(eval_config.max_dets), backend=eval_config.backend)
 
   @property
   def num_images(self) -> int:
     return len(self.ground_truth["images"])
 
   def run(self, params, rest) -> tuple[dict[str, float], list[dict]]:
-    """`(metrics, coco_detections)` over the whole evaluation split, once.
+    """`(metrics, coco_detections)` over the whole evaluation split, once (`evaluate`'s summary)."""
+    result, detections = self.evaluate(params, rest)
+    return result.metrics, detections
+
+  def evaluate(self, params, rest) -> tuple[coco.CocoResult, list[dict]]:
+    """`(coco.CocoResult, coco_detections)` over the whole evaluation split, once: the summary at
+    `max_dets`, AP per category.
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
@@ -126,7 +137,8 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
-    return coco.coco_evaluate(self.ground_truth, detections), detections
+    return coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
+                                    backend=self.backend), detections
 
 
 def replicate(tree, mesh):
@@ -135,7 +147,12 @@ def replicate(tree, mesh):
 
 
 def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = None) -> dict[str, float]:
-  """COCO metrics of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
+  """The summary metrics of `evaluate_saved` (same arguments)."""
+  return evaluate_saved(path, config=config, output_dir=output_dir).metrics
+
+
+def evaluate_saved(path: str, *, config=None, output_dir: str | None = None) -> coco.CocoResult:
+  """COCO evaluation (`coco.CocoResult`) of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
   evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
@@ -157,10 +174,12 @@ def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = Non
   mesh = train_state.make_mesh()
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
-  metrics, detections = evaluator.run(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
+  result, detections = evaluator.evaluate(replicate(loaded.params, mesh),
+                                          replicate(loaded.rest, mesh))
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     tag = "converted" if loaded.step is None else str(loaded.step)
-    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), metrics,
-                       checkpoint=os.path.abspath(path), num_detections=len(detections))
-  return metrics
+    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), result.metrics,
+                       checkpoint=os.path.abspath(path), num_detections=len(detections),
+                       **result.to_json())
+  return result
