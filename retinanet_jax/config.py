@@ -200,6 +200,11 @@ class EvalConfig:
       raise ValueError(f"batch_size, topk_candidates and max_detections must be >= 1, got "
                        f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
     coco_lib.check_max_dets(self.max_dets)
+    if (self.backend == "faster_coco_eval"
+        and importlib.util.find_spec("faster_coco_eval") is None):
+      raise ValueError(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
+                       f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
+                       f"eval.backend='pycocotools'")
     if self.max_dets[-1] > self.max_detections:
       raise ValueError(
           f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: the "

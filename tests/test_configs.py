@@ -143,3 +143,16 @@ def test_eval_max_dets_are_checked_against_max_detections():
   c.eval.max_dets = (10, 1)
   with pytest.raises(config_lib.ConfigError, match="eval: max_dets must be strictly increasing"):
     config_lib.Config.from_config_dict(c)
+
+
+def test_a_missing_optional_evaluation_backend_is_named_at_the_boundary(monkeypatch):
+  import importlib.util as util
+  c = config_lib.default_config()
+  c.eval.backend = "faster_coco_eval"
+  assert config_lib.Config.from_config_dict(c).eval.backend == "faster_coco_eval"  # installed here
+  real = util.find_spec
+  monkeypatch.setattr(util, "find_spec",
+                      lambda name, *a: None if name == "faster_coco_eval" else real(name, *a))
+  with pytest.raises(config_lib.ConfigError, match=r"eval: backend 'faster_coco_eval' needs .* "
+                     r"pip install 'faster-coco-eval==1.8.0'"):
+    config_lib.Config.from_config_dict(c)

@@ -248,3 +248,51 @@ def dataclasses_replace(obj, **changes):
 def test_bad_max_dets_are_named(bad):
   with pytest.raises(ValueError, match="max_dets must be strictly increasing"):
     evaluation.coco_evaluate(GT, [], max_dets=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The faster-coco-eval backend
+
+
+@pytest.mark.parametrize("max_dets", [(1, 10, 100), (1, 10, 100, 300)])
+def test_faster_coco_eval_gives_pycocotools_numbers(dense, max_dets):
+  gt, results = dense
+  ref = evaluation.evaluate_detections(gt, results, max_dets=max_dets)
+  fast = evaluation.evaluate_detections(gt, results, max_dets=max_dets, backend="faster_coco_eval")
+  assert fast.backend == "faster_coco_eval" and list(fast.metrics) == list(ref.metrics)
+  np.testing.assert_allclose(list(fast.metrics.values()), list(ref.metrics.values()), rtol=0,
+                             atol=1e-4)
+  for a, b in zip(fast.per_category, ref.per_category):
+    assert a.keys() == b.keys() and a["id"] == b["id"]
+    for key in ("AP", "AP50", "AP75", f"AR{max_dets[-1]}"):
+      assert a[key] == pytest.approx(b[key], abs=1e-4)
+
+
+def test_faster_coco_eval_on_a_trained_models_detections(tmp_path_factory):
+  """All 12 numbers on the detections of the tiny synthetic model that the subprocess tests train
+  (tests/helpers/runs.py: one run per test session, shared)."""
+  import os
+  from retinanet_jax import config as config_lib
+  from retinanet_jax import data as data_lib
+  from tests.helpers import runs
+  workdir = runs.reference_run(tmp_path_factory)
+  with open(os.path.join(workdir, "detections_20.json")) as f:
+    detections = json.load(f)
+  ground_truth = data_lib.coco_ground_truth(config_lib.load_run_config(workdir).data)
+  assert len(detections) > 100
+  ref = evaluation.coco_evaluate(ground_truth, detections)
+  fast = evaluation.coco_evaluate(ground_truth, detections, backend="faster_coco_eval")
+  print({name: (ref[name], fast[name]) for name in evaluation.METRIC_NAMES})
+  assert ref["AR100"] > 0
+  for name in evaluation.METRIC_NAMES:
+    assert fast[name] == pytest.approx(ref[name], abs=1e-4), name
+
+
+def test_faster_coco_eval_missing_names_the_pip_command(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # import fails as if not installed
+  results = [{"image_id": 1, "category_id": 5, "bbox": [10, 10, 30, 20], "score": 1.0}]
+  with pytest.raises(ImportError, match=r"pip install 'faster-coco-eval==1.8.0'"):
+    evaluation.coco_evaluate(GT, results, backend="faster_coco_eval")
+  with pytest.raises(ValueError, match="backend 'cocoapi' is not one of"):
+    evaluation.coco_evaluate(GT, results, backend="cocoapi")
