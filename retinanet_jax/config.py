@@ -54,6 +54,7 @@ SCHEDULES = ("step", "cosine")
 INIT_MODES = ("model", "backbone")
 DONATE_STATE = ("auto", "always", "never")
 INPUT_CONVENTIONS = ("torchvision", "caffe", "caffe_fair")
+EVAL_METRICS = ("coco", "miss_rate")
 VARIANTS = ("", "smoke")
 # Written into a training run's workdir: the config without its runtime section (evaluate.py reads
 # the data and evaluation settings from it).
@@ -182,6 +183,11 @@ class EvalConfig:
       max_detections (the numbers at M would be those at max_detections under another name).
     backend: the COCOeval engine, 'pycocotools' (the reference) or 'faster_coco_eval' (the optional
       `faster-coco-eval` package, `pip install faster-coco-eval`; same numbers, faster).
+    metric: 'coco' (COCO AP, evaluation/coco.py) or 'miss_rate' (pedestrians: the Caltech /
+      CityPersons log-average miss rate MR^-2 on the Reasonable, Small, Heavy and All subsets,
+      evaluation/miss_rate.py; the ground truth's visibility and ignore fields are read).
+    miss_rate_category: metric 'miss_rate': the name of the evaluated category; '' picks the one
+      named 'pedestrian' or 'person', or the only one.
   """
 
   batch_size: int = 8
@@ -194,6 +200,8 @@ class EvalConfig:
   png_score: float = 0.3
   max_dets: tuple[int, ...] = coco_lib.DEFAULT_MAX_DETS
   backend: str = _choice("pycocotools", coco_lib.BACKENDS)
+  metric: str = _choice("coco", EVAL_METRICS)
+  miss_rate_category: str = ""
 
   def __post_init__(self):
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:

@@ -146,7 +146,7 @@ class CocoResult:
 
   def to_json(self) -> dict:
     """The fields written beside the metrics in `eval_<step>.json`."""
-    return {"max_dets": list(self.max_dets), "backend": self.backend,
+    return {"metric": "coco", "max_dets": list(self.max_dets), "backend": self.backend,
             "per_category": [dict(c) for c in self.per_category]}
 
 

@@ -28,6 +28,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.evaluation import coco
+from retinanet_jax.evaluation import miss_rate
 from retinanet_jax.models import preprocessing
 from retinanet_jax.train_state import DATA_AXIS
 
@@ -75,6 +76,7 @@ class Evaluator:
     label_map: the model's classes -> dataset category ids and names.
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
     max_dets, backend: the COCO evaluation's maxDets and engine (`config.EvalConfig`).
+    metric, miss_rate_category: 'coco' or 'miss_rate' (pedestrian MR^-2) and its category.
   """
 
   eval_input: Any
@@ -83,6 +85,8 @@ class Evaluator:
   step_fn: Any
   max_dets: tuple = coco.DEFAULT_MAX_DETS
   backend: str = "pycocotools"
+  metric: str = "coco"
+  miss_rate_category: str = ""
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
@@ -99,9 +103,13 @@ class Evaluator:
     step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
                                 input_convention=description.input_convention,
                                 eval_config=eval_config, mesh=mesh)
-    return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
+    ground_truth = data_lib.coco_ground_truth(data_config)
+    if eval_config.metric == "miss_rate":  # a category that is not there fails before training
+      miss_rate.evaluated_category(ground_truth["categories"], eval_config.miss_rate_category)
+    return cls(eval_input=eval_input, ground_truth=ground_truth,
                label_map=description.label_map, step_fn=step_fn,
-               max_dets=tuple(eval_config.max_dets), backend=eval_config.backend)
+               max_dets=tuple(eval_config.max_dets), backend=eval_config.backend,
+               metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category)
 
   @property
   def num_images(self) -> int:
@@ -112,9 +120,10 @@ class Evaluator:
     result, detections = self.evaluate(params, rest)
     return result.metrics, detections
 
-  def evaluate(self, params, rest) -> tuple[coco.CocoResult, list[dict]]:
-    """`(coco.CocoResult, coco_detections)` over the whole evaluation split, once: the summary at
-    `max_dets`, AP per category.
+  def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
+    """`(result, coco_detections)` over the whole evaluation split, once: a `coco.CocoResult` (the
+    summary at `max_dets`, AP per category) or, with metric 'miss_rate', a
+    `miss_rate.MissRateResult`.
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
@@ -137,6 +146,9 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
+    if self.metric == "miss_rate":
+      return miss_rate.evaluate_miss_rate(self.ground_truth, detections,
+                                          category=self.miss_rate_category), detections
     return coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
                                     backend=self.backend), detections
 
@@ -151,8 +163,9 @@ def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = Non
   return evaluate_saved(path, config=config, output_dir=output_dir).metrics
 
 
-def evaluate_saved(path: str, *, config=None, output_dir: str | None = None) -> coco.CocoResult:
-  """COCO evaluation (`coco.CocoResult`) of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
+def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
+  """The evaluation (`coco.CocoResult`, or `miss_rate.MissRateResult` with eval.metric
+  'miss_rate') of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
   evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
