@@ -13,7 +13,8 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import optimizer, train_state
 from retinanet_jax.data import transforms
 
-CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic"]
+CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic",
+           "sardet_r50"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -156,3 +157,13 @@ def test_a_missing_optional_evaluation_backend_is_named_at_the_boundary(monkeypa
   with pytest.raises(config_lib.ConfigError, match=r"eval: backend 'faster_coco_eval' needs .* "
                      r"pip install 'faster-coco-eval==1.8.0'"):
     config_lib.Config.from_config_dict(c)
+
+
+def test_sardet_recipe():
+  c = config_lib.Config.from_config_dict(importlib.import_module("configs.sardet_r50").get_config())
+  assert (c.data.mode, c.data.image_size, c.model.num_classes) == ("fixed", 800, 6)
+  assert transforms.padded_hw(transforms.TransformConfig.from_data_config(c.data)) == (800, 800)
+  assert (c.train.optimizer, c.train.base_lr, c.train.weight_decay) == ("adamw", 1e-4, 0.05)
+  # 1x: 12 epochs of 94,493 images at batch 16, drops after epochs 8 and 11, 500 warm-up steps.
+  assert (c.train.steps, c.train.decay_steps, c.train.warmup_steps) == (70_870, (47_247, 64_964),
+                                                                        500)
