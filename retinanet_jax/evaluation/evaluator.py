@@ -90,19 +90,21 @@ class Evaluator:
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
-               mesh) -> Evaluator:
+               mesh, step_fn=None) -> Evaluator:
     """The evaluator of `data_config.eval_split` for a model with `description`
     (`model_description.ModelDescription`: anchors, input convention, label map) and `graphdef`
-    (evaluation mode)."""
+    (evaluation mode). `step_fn`: the compiled step of another evaluator of the same model,
+    geometry and settings (multi-domain evaluation), reused instead of compiling a new one."""
     from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
 
     eval_input = data_lib.make_eval_input(data_config, global_batch_size=eval_config.batch_size,
                                           mesh=mesh)
     image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(data_config))
     anchor_set = anchor_lib.generate_anchors(image_hw, config=description.anchors)
-    step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
-                                input_convention=description.input_convention,
-                                eval_config=eval_config, mesh=mesh)
+    if step_fn is None:
+      step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
+                                  input_convention=description.input_convention,
+                                  eval_config=eval_config, mesh=mesh)
     ground_truth = data_lib.coco_ground_truth(data_config)
     if eval_config.metric == "miss_rate":  # a category that is not there fails before training
       miss_rate.evaluated_category(ground_truth["categories"], eval_config.miss_rate_category)
