@@ -204,21 +204,29 @@ class EvalConfig:
   miss_rate_category: str = ""
 
   def __post_init__(self):
+    problems = []
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:
-      raise ValueError(f"batch_size, topk_candidates and max_detections must be >= 1, got "
-                       f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
-    coco_lib.check_max_dets(self.max_dets)
+      problems.append(f"batch_size, topk_candidates and max_detections must be >= 1, got "
+                      f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
+    try:
+      coco_lib.check_max_dets(self.max_dets)
+    except ValueError as e:
+      problems.append(str(e))
+    else:
+      if self.max_dets[-1] > self.max_detections:
+        problems.append(
+            f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: "
+            f"the post-processing keeps at most {self.max_detections} detections per image, so "
+            f"the numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; "
+            f"raise max_detections to >= {self.max_dets[-1]} or end max_dets at <= "
+            f"{self.max_detections}")
     if (self.backend == "faster_coco_eval"
         and importlib.util.find_spec("faster_coco_eval") is None):
-      raise ValueError(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
-                       f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
-                       f"eval.backend='pycocotools'")
-    if self.max_dets[-1] > self.max_detections:
-      raise ValueError(
-          f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: the "
-          f"post-processing keeps at most {self.max_detections} detections per image, so the "
-          f"numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; raise "
-          f"max_detections to >= {self.max_dets[-1]} or end max_dets at <= {self.max_detections}")
+      problems.append(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
+                      f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
+                      f"eval.backend='pycocotools'")
+    if problems:
+      raise ValueError("; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
