@@ -277,7 +277,10 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
     return dataclasses.replace(config.data, name=cached_dataset(domain, data_dir=cache),
                                data_dir=cache, eval_split=SPLIT, eval_annotations=None)
 
-  results = [run(d.name, d.root, folder_config(d)) for d in domains]
+  names = [d.name for d in domains]
+  shown = [n if names.count(n) == 1 else os.path.join(os.path.basename(os.path.dirname(d.root)), n)
+           for n, d in zip(names, domains)]  # two folders of one name: their parents tell them apart
+  results = [run(n, d.root, folder_config(d)) for n, d in zip(shown, domains)]
   ref = None
   if reference == "config":
     if config.data.name == "synthetic":
