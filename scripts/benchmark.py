@@ -18,6 +18,8 @@ a module of `benchmarks/`, whose docstring says what it measures:
                'all' includes it in --quick only.
   deploy       latency of the exported StableHLO, SavedModel and ONNX forms and the in-process model,
                batch 1 at 512x512 and 800x1333, one round-robin (deploy.py); not part of 'all'.
+  eval         COCO evaluation: eval.backend='faster_coco_eval' against pycocotools (evaluation.py;
+               not in 'all').
 
 Every row times ours and the peer alternately (ours, peer, peer, ours, ...) and reports medians of
 the wall-clock time and of this process's CPU time, and the ratios peer / ours (> 1: we are faster).

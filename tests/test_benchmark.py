@@ -215,3 +215,13 @@ def test_deploy_suite_times_forms_that_compute_the_same_detections():
     ratio, difference = re.search(r"([\d.]+)x the in-process time; sorted scores within (\S+) of it",
                                   cells[8]).groups()
     assert float(ratio) > 0 and float(difference) < 1e-5, cells
+
+
+def test_eval_suite_times_both_backends_on_the_same_numbers():
+  from benchmarks import evaluation as evaluation_bench
+  from benchmarks import timing
+  rows = evaluation_bench.bench_coco_eval(timing.Session(timing.Options(quick=True)))
+  assert len(rows) == 2
+  for row in rows:
+    assert row.suite == "eval" and row.ours.wall > 0 and row.peer.wall > 0
+    assert float(row.note.rsplit(" ", 1)[-1]) < 1e-6  # largest metric difference
