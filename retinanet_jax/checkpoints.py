@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
+from retinanet_jax import errors
 from retinanet_jax import model_description as description_lib
 from retinanet_jax.train_state import TrainState
 
@@ -39,8 +40,20 @@ LEGACY_METADATA_FILE = "metadata.json"
 ITEMS = ("model", "optimizer", "description")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read as asked; the message says which path and what to do."""
+class CheckpointError(errors.KnownError, ValueError):
+  """A checkpoint that cannot be read as asked; the message says which path and what to do. Scripts
+  exit with `errors.CHECKPOINT` (4)."""
+
+  exit_code = errors.CHECKPOINT
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read back (truncated, cut short, corrupted): the message
+  names the step and the folder. `step` is None for converted weights."""
+
+  def __init__(self, message: str, *, path: str, step: Optional[int] = None):
+    super().__init__(message)
+    self.path, self.step = path, step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import jax
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import checkpoints as checkpoints_lib
 from retinanet_jax import config as config_lib
+from retinanet_jax import console
+from retinanet_jax import errors
 from retinanet_jax import evaluation
 from retinanet_jax import metric_writer
 from retinanet_jax import train_state as train_state_lib
@@ -32,8 +34,9 @@ from retinanet_jax import train_step as train_step_lib
 from retinanet_jax.evaluation import evaluator as evaluator_lib
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss or the gradients stopped being finite; the message names the step and the checkpoint."""
+class NonFiniteLossError(errors.TrainingStopped):
+  """The loss or the gradients stopped being finite; the message names the step and the checkpoint.
+  Scripts exit with `errors.TRAINING` (5)."""
 
 
 def _check_batch_sizes(config: config_lib.Config) -> None:
@@ -42,6 +45,14 @@ def _check_batch_sizes(config: config_lib.Config) -> None:
     if size % jax.device_count():
       raise config_lib.ConfigError([f"{name}: {size} is not a multiple of the device count "
                                     f"({jax.device_count()})"])
+
+
+def config_summary(config: config_lib.Config, workdir: str) -> str:
+  """The run in one line (the whole config is in `workdir/config.json`)."""
+  t, d, m = config.train, config.data, config.model
+  return (f"Config: {m.backbone} ({m.num_classes} classes) on {d.name} {d.train_split!r}, "
+          f"{t.steps} step{'s' if t.steps != 1 else ''} of {t.batch_size} images, {t.optimizer} lr {t.base_lr:g} ({t.schedule}), "
+          f"evaluation on {d.eval_split!r}; workdir {workdir} (config.json, log.txt)")
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -61,6 +72,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writer.Writer(workdir)
+  writer.log(config_summary(config, workdir))
 
   # --- Mesh -------------------------------------------------------------------------------------
   mesh = train_state_lib.make_mesh()
@@ -70,7 +82,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # --- Input ------------------------------------------------------------------------------------
   if config.data.name == "synthetic":
-    data_lib.ensure_synthetic_dataset(config.data)
+    with console.library_stdout():  # TFDS's own lines go to log.txt
+      data_lib.ensure_synthetic_dataset(config.data)
   labels = data_lib.label_map(config.data)
   if labels.num_classes != config.model.num_classes:
     raise config_lib.ConfigError([f"model.num_classes: {config.model.num_classes}, but the dataset "
