@@ -90,6 +90,24 @@ def setup(*, verbose: bool = False, log_path: Optional[str] = None) -> None:
     logging.getLogger(name).setLevel(logging.NOTSET)  # their records reach the root's handlers
   if not verbose:
     _single_line_tfds_progress()
+    if not getattr(sys.unraisablehook, "_retinanet_console", False):
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+def _quiet_unraisable(default):
+  """A `sys.unraisablehook` that sends tensorstore's late callbacks after a failed read
+  ("RuntimeError: Event loop is closed", dozens of tracebacks once a damaged checkpoint has been
+  reported) to the log file; every other unraisable exception goes to `default`."""
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      to_log_file(f"(ignored after a failed read) {type(error).__name__}: {error}")
+      return
+    default(unraisable)
+
+  hook._retinanet_console = True  # pylint: disable=protected-access
+  return hook
 
 
 def to_log_file(text: str) -> None:

@@ -103,7 +103,7 @@ def test_training_runs_of_the_first_release_are_upgraded_into_a_new_folder(setup
   config, mesh, made, state = setup
   old = tmp_path / "old_run"
   with ocp.CheckpointManager(str(old / "checkpoints")) as manager:  # the first release's layout
-    manager.save(7, args=ocp.args.StandardSave(state))
+    manager.save(7, args=ocp.args.StandardSave(dataclasses.replace(state, divergence=None)))
   os.makedirs(old / "input_state" / "7")
   (old / "input_state" / "7" / "process_0.json").write_text("{}")
   labels_lib.save_label_map(LABELS, str(old / "label_map.json"))
@@ -118,7 +118,11 @@ def test_training_runs_of_the_first_release_are_upgraded_into_a_new_folder(setup
   _assert_same(loaded.params, state.params)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           made.state)
-  _assert_same(checkpoints.Checkpoints(new, keep=2).restore(7, abstract, None), state)
+  upgraded = checkpoints.Checkpoints(new, keep=2).restore(7, abstract, None)
+  _assert_same(dataclasses.replace(upgraded, divergence=None),
+               dataclasses.replace(state, divergence=None))
+  _assert_same(upgraded.divergence, train_state.initial_divergence_state(
+      config.train.divergence_window))  # the first release had no divergence guard
   assert config_lib.load_run_config(new) == dataclasses.replace(config, runtime=config.runtime)
   with pytest.raises(checkpoints.CheckpointError, match="not empty"):
     checkpoints.upgrade_legacy_run(str(old), new, config)
