@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -324,9 +325,25 @@ class Checkpoints:
     self.manager.close()
 
 
+_STATUS = re.compile(r"\b(?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
+                     r"UNKNOWN|INTERNAL|PERMISSION_DENIED): [^\n]*")
+
+
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  line = text[0] if text else type(error).__name__
+  """The line of `error` (or of the errors it was raised from) that says what failed: a storage
+  status line ("OUT_OF_RANGE: Error reading ... in OCDBT database ...") when there is one."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 5:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    match = _STATUS.search(str(e))
+    if match:
+      line = match.group(0)
+      break
+  else:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
   return line if len(line) <= 300 else line[:297] + "..."
 
 
