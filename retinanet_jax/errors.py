@@ -100,7 +100,17 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    message = str(e)
+    if "Traceback (most recent call last)" in message:  # ml_collections quotes a config file's
+      lines = [l for l in message.splitlines() if l.strip()]
+      message = f"{lines[0]} {lines[-1]}"  # traceback: keep its first and last lines
+    print(f"error: {message}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(USAGE)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' --config.X
+    details = str(e).strip("\"'")
+    print(f"error: cannot apply the command line flags ({type(e).__name__}: {details!r}); a "
+          f"--config.SECTION.FIELD override must name an existing field of the config "
+          f"(retinanet_jax/config.py) and give a value of its type.", file=sys.stderr)
     sys.exit(USAGE)
 
 

@@ -56,7 +56,8 @@ def config_summary(config: config_lib.Config, workdir: str) -> str:
   """The run in one line (the whole config is in `workdir/config.json`)."""
   t, d, m = config.train, config.data, config.model
   return (f"Config: {m.backbone} ({m.num_classes} classes) on {d.name} {d.train_split!r}, "
-          f"{t.steps} step{'s' if t.steps != 1 else ''} of {t.batch_size} images, {t.optimizer} lr {t.base_lr:g} ({t.schedule}), "
+          f"{t.steps} step{'s' if t.steps != 1 else ''} of {t.batch_size} images, "
+          f"{t.optimizer} lr {t.base_lr:g} ({t.schedule}), "
           f"evaluation on {d.eval_split!r}; workdir {workdir} (config.json, log.txt)")
 
 
