@@ -241,18 +241,17 @@ class Checkpoints:
             f"config {len(wanted)} (first difference: array {first}). Use the config the run "
             f"was started with, or another --workdir.")
 
-  def restore_newest(self, abstract_state: TrainState, make_input: Callable[[], Any], *,
-                     on_damaged: str, log: Callable[[str], None]):
+  def restore_newest(self, abstract_state: TrainState, train_input, make_input: Callable[[], Any],
+                     *, on_damaged: str, log: Callable[[str], None]):
     """`(step, state, train_input)` of the newest checkpoint that restores, or `(None, None,
     train_input)` when none does (or there is none): the run starts from scratch.
 
-    `make_input()` builds a fresh training input (at its start); a new one is made after a
-    damaged input position. A damaged step (`restore`): `on_damaged='stop'` raises
+    `train_input` is the training input at its start, restored in place; `make_input()` builds
+    another one like it, used after a damaged input position (which may have half-moved it). A damaged step (`restore`): `on_damaged='stop'` raises
     `DamagedCheckpointError`, naming the step and the folder; 'fall_back' logs one paragraph,
     moves the step's checkpoint and input position to `workdir/damaged/` and tries the next
     older step. All hosts take the same decision (a step is damaged if it is on any host).
     """
-    train_input = make_input()
     while True:
       step = self.latest_step()
       if step is None:

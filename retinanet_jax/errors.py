@@ -10,7 +10,7 @@ environment problem nobody foresaw: its traceback is kept (exit code 1, Python's
     1     unexpected  any other exception (with its traceback)
     2     usage       bad flags or arguments, invalid config values (`typed_config.ConfigError`)
     3     data        dataset missing or malformed (`FileNotFoundError`, `coco_format.CocoFormatError`,
-                      scripts/prepare_dataset.py's fatal problems)
+                      TFDS's "could not find data", scripts/prepare_dataset.py's fatal problems)
     4     checkpoint  checkpoint missing, damaged, or of another model (`checkpoints.CheckpointError`)
     5     training    training stopped by a guard: a non-finite loss, or divergence with
                       `train.on_divergence='stop'` (`TrainingStopped`)
@@ -67,6 +67,8 @@ def exit_code_of(error: BaseException) -> Optional[int]:
     return OUTPUT
   if isinstance(error, FileNotFoundError):
     return DATA
+  if _tfds_missing_data(error):
+    return DATA
   names = {f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__}
   if names & {"retinanet_jax.data.coco_format.CocoFormatError",
               "tensorflow_datasets.core.registered.DatasetNotFoundError"}:
@@ -74,9 +76,20 @@ def exit_code_of(error: BaseException) -> Optional[int]:
   return None
 
 
+def _tfds_missing_data(error: BaseException) -> bool:
+  """TFDS's `as_dataset` on a dataset that was never prepared in `data_dir` raises a bare
+  AssertionError ("Dataset coco: could not find data in DIR. ...")."""
+  return isinstance(error, AssertionError) and "could not find data in" in str(error)
+
+
 def paragraph(error: BaseException) -> str:
   """`error: <message>` for the console: the message's lines kept, long ones wrapped at 100."""
-  lines = str(error).strip().splitlines() or [type(error).__name__]
+  text = str(error).strip()
+  if _tfds_missing_data(error):
+    text = (text.split(". Please make sure")[0] + ". Prepare it first (COCO: `tfds build "
+            "coco/2017 --data_dir=DIR`; your own data: scripts/prepare_dataset.py), or point "
+            "--config.data.data_dir at the folder that holds it.")
+  lines = text.splitlines() or [type(error).__name__]
   out = []
   for i, line in enumerate(lines):
     indent = line[:len(line) - len(line.lstrip())]

@@ -103,6 +103,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       json.dump(config.to_json(), f, indent=2)  # for scripts/evaluate.py; no runtime section
   make_input = lambda: data_lib.make_train_input(config.data, global_batch_size=t.batch_size,
                                                  mesh=mesh)
+  train_input = make_input()
   image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(config.data))
   anchor_set = anchor_lib.generate_anchors(image_hw, config=config.anchors)
 
@@ -121,7 +122,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   start, restored, train_input = checkpoints.restore_newest(
-      abstract, make_input, on_damaged=t.on_damaged_checkpoint, log=writer.log)
+      abstract, train_input, make_input, on_damaged=t.on_damaged_checkpoint, log=writer.log)
   if start is not None:
     state = restored
     writer.log(f"Resumed from step {start} ({checkpoints.directory})")

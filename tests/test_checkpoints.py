@@ -190,12 +190,12 @@ def test_a_truncated_array_file_falls_back_to_the_previous_step_and_is_kept_asid
   assert error.value.exit_code == 4 and "OUT_OF_RANGE" in str(error.value)
   manager = checkpoints.Checkpoints(workdir, keep=5)
   with pytest.raises(checkpoints.DamagedCheckpointError) as error:  # policy 'stop'
-    manager.restore_newest(abstract, _Position, on_damaged="stop", log=print)
+    manager.restore_newest(abstract, _Position(), _Position, on_damaged="stop", log=print)
   assert f"checkpoint step 7 in {workdir}/checkpoints/7 is damaged" in str(error.value)
   assert "nothing was moved" in str(error.value) and manager.latest_step() == 7
   lines = []
-  step, restored, position = manager.restore_newest(abstract, _Position, on_damaged="fall_back",
-                                                    log=lines.append)
+  step, restored, position = manager.restore_newest(abstract, _Position(), _Position,
+                                                    on_damaged="fall_back", log=lines.append)
   assert (step, position.batches, int(restored.step)) == (3, 3, int(state.step) - 4)
   _assert_same(restored.params, state.params)
   assert sorted(os.listdir(os.path.join(workdir, "damaged"))) == ["checkpoint_7", "input_state_7"]
@@ -213,8 +213,8 @@ def test_a_damaged_input_position_falls_back_and_a_mismatched_model_is_not_damag
     f.write('{"batch')  # cut short
   manager = checkpoints.Checkpoints(workdir, keep=5)
   lines = []
-  step, _, position = manager.restore_newest(abstract, _Position, on_damaged="fall_back",
-                                             log=lines.append)
+  step, _, position = manager.restore_newest(abstract, _Position(), _Position,
+                                             on_damaged="fall_back", log=lines.append)
   assert (step, position.batches) == (3, 3)
   assert "the input-iterator position of checkpoint step 7" in lines[0]
   assert os.path.isfile(os.path.join(workdir, "damaged", "input_state_7", "position.json"))
@@ -224,7 +224,8 @@ def test_a_damaged_input_position_falls_back_and_a_mismatched_model_is_not_damag
       config, model=dataclasses.replace(config.model, fpn_channels=64)))
   other_abstract = train_state.create_train_state(other, setup[1], abstract=True).state
   with pytest.raises(checkpoints.CheckpointError, match="written by another model") as error:
-    manager.restore_newest(other_abstract, _Position, on_damaged="fall_back", log=lines.append)
+    manager.restore_newest(other_abstract, _Position(), _Position, on_damaged="fall_back",
+                           log=lines.append)
   assert not isinstance(error.value, checkpoints.DamagedCheckpointError)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"] and len(lines) == 1
   manager.close()

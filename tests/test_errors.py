@@ -14,6 +14,8 @@ from retinanet_jax import checkpoints, errors, train, typed_config
 @pytest.mark.parametrize("make, code", [
     (lambda: typed_config.ConfigError(["train.base_lr: base_lr must be > 0, got -1"]), 2),
     (lambda: FileNotFoundError("dataset 'coco/2017' not found in data_dir /x"), 3),
+    (lambda: AssertionError("Dataset coco: could not find data in /x. Please make sure to call "
+                            "dataset_builder.download_and_prepare()"), 3),  # TFDS's words
     (lambda: checkpoints.DamagedCheckpointError("checkpoint step 5 in /w/checkpoints/5 is damaged",
                                                 path="/w/checkpoints/5", step=5), 4),
     (lambda: checkpoints.CheckpointError("/w does not exist"), 4),
@@ -27,6 +29,15 @@ def test_known_errors_exit_with_their_code_and_one_paragraph(make, code):
   text = errors.paragraph(error)
   assert text.startswith("error: ") and str(error).splitlines()[0][:40] in text
   assert code in errors.EXIT_CODES
+  assert errors.exit_code_of(AssertionError("x == y")) is None  # others stay unexpected
+
+
+def test_missing_prepared_data_says_how_to_prepare_it():
+  text = " ".join(errors.paragraph(AssertionError(
+      "Dataset coco: could not find data in /x. Please make sure to call "
+      "dataset_builder.download_and_prepare()")).split())
+  assert text.startswith("error: Dataset coco: could not find data in /x. Prepare it first")
+  assert "--config.data.data_dir" in text and "download_and_prepare" not in text
 
 
 SCRIPT = textwrap.dedent("""

@@ -25,6 +25,11 @@ def _train(workdir, tmp_path_factory, **overrides):
   return done.returncode, done.stdout, done.stderr
 
 
+def _flat(text):
+  """`text` with every run of whitespace as one space (messages are wrapped at 100 columns)."""
+  return " ".join(text.split())
+
+
 def _no_traceback(*texts):
   for text in texts:
     assert "Traceback" not in text, text[-3000:]
@@ -40,8 +45,9 @@ def test_a_damaged_latest_checkpoint_falls_back_and_ends_as_an_uninterrupted_run
   code, out, err = _train(workdir, tmp_path_factory, **{"train.on_damaged_checkpoint": "stop"})
   _no_traceback(out, err)
   assert code == 4, err[-3000:]
-  assert err.strip().startswith(f"error: checkpoint step 20 in {workdir}/checkpoints/20 is damaged")
+  assert _flat(err).startswith(f"error: checkpoint step 20 in {workdir}/checkpoints/20 is damaged")
   assert "on_damaged_checkpoint=fall_back" in err and not os.path.exists(f"{workdir}/damaged")
+  assert len(err.strip().split("\n\n")) == 1  # one paragraph
 
   # Default 'fall_back': set aside (kept), resume from step 15, end where the reference ended.
   code, out, err = _train(workdir, tmp_path_factory, **{"eval.at_end": False})
@@ -89,7 +95,7 @@ def test_a_diverging_run_with_stop_stops_there_without_a_traceback(diverging):
   root, _, (code, out, err) = diverging
   _no_traceback(out, err)
   assert code == 5, err[-3000:]
-  assert err.strip().startswith("error: the loss diverged at step 2"), err
-  assert f"the last checkpoint before it is step 1 in {root}/stop/checkpoints" in err
+  assert _flat(err).startswith("error: the loss diverged at step 2"), err
+  assert f"the last checkpoint before it is step 1 in {root}/stop/checkpoints" in _flat(err)
   assert "step 4/8" not in out and "step 3/8" in out  # stopped at step 4, when it was declared
   assert len(err.strip().split("\n\n")) == 1  # one paragraph
