@@ -129,6 +129,8 @@ def library_stdout() -> Iterator[None]:
     with contextlib.redirect_stdout(buffer):
       yield
   finally:
+    if _TqdmLine._line is not None:  # pylint: disable=protected-access
+      _TqdmLine._line.done()  # pylint: disable=protected-access
     if buffer.getvalue().strip():
       to_log_file(buffer.getvalue())
 
@@ -197,7 +199,7 @@ class _TqdmLine:
   _line: Optional[ProgressLine] = None
 
   def __init__(self, iterable=None, desc=None, total=None, unit="it", **_):
-    self.iterable, self.desc, self.unit, self.n = iterable, desc or "", unit, 0
+    self.iterable, self.desc, self.unit, self.n = iterable, desc or "", unit.strip(), 0
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
       total = len(iterable)
     self.total = total
@@ -214,9 +216,12 @@ class _TqdmLine:
     (file or sys.stderr).write(str(s) + end)
 
   def __iter__(self):
-    for item in self.iterable:
-      yield item
-      self.update(1)
+    try:
+      for item in self.iterable:
+        yield item
+        self.update(1)
+    finally:
+      self.close()
 
   def __len__(self):
     return self.total or 0
