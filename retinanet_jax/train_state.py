@@ -59,8 +59,9 @@ class TrainState:
 def initial_divergence_state(window: int) -> dict:
   """The divergence guard's state before any step (`train_step.divergence_update`), as NumPy.
 
-  recent: float32 `[window]`, the last finite losses in a ring (NaN: empty); seen: int32, finite
-  losses seen (the ring's next slot is `seen % window`); streak: int32, steps in a row above the
+  recent: float32 `[window]`, the last finite losses in a ring (slots `>= seen` are empty, 0: a
+  checkpoint holds finite values only); seen: int32, finite losses seen (the ring's next slot is
+  `seen % window`); streak: int32, steps in a row above the
   threshold; streak_start, start_loss, start_median: the first step of that streak, its loss and
   the median it was compared with; episodes: int32, streaks that reached the patience (divergences);
   diverged_at, diverged_loss, diverged_median: those of the latest divergence's first step (-1, 0,
@@ -69,7 +70,7 @@ def initial_divergence_state(window: int) -> dict:
   """
   i32 = lambda v: np.array(v, np.int32)  # a new array per call
   f32 = lambda v: np.array(v, np.float32)
-  return {"recent": np.full((window,), np.nan, np.float32), "seen": i32(0), "streak": i32(0),
+  return {"recent": np.zeros((window,), np.float32), "seen": i32(0), "streak": i32(0),
           "streak_start": i32(-1), "start_loss": f32(0), "start_median": f32(0),
           "episodes": i32(0), "diverged_at": i32(-1), "diverged_loss": f32(0),
           "diverged_median": f32(0), "steps_above": i32(0)}

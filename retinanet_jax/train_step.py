@@ -79,7 +79,8 @@ def divergence_update(guard: dict, loss: jax.Array, step: jax.Array, *, factor: 
   """
   recent = guard["recent"]
   window = recent.shape[0]
-  median = jnp.nanmedian(recent)  # NaN while the ring is empty
+  filled = jnp.arange(window) < guard["seen"]  # slots written so far (all once the ring is full)
+  median = jnp.nanmedian(jnp.where(filled, recent, jnp.nan))  # NaN while the ring is empty
   finite = jnp.isfinite(loss)
   above = finite & (guard["seen"] > 0) & (loss > factor * median)
   starts = above & (guard["streak"] == 0)
