@@ -38,7 +38,8 @@ def quiet_native_logs(argv: Optional[list[str]] = None) -> None:
   those lines to the log file. Scripts call it first thing, before their flags are parsed (a config
   file imports TensorFlow)."""
   argv = sys.argv if argv is None else argv
-  if "--verbose" in argv or "--verbose=true" in argv or "tensorflow" in sys.modules:
+  verbose = {a.lower() for a in argv} & {"--verbose", "--verbose=true", "--verbose=1"}
+  if verbose or "tensorflow" in sys.modules:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tempfile  # pylint: disable=import-outside-toplevel
