@@ -15,7 +15,13 @@ indices and a validity mask (retinanet_jax/export.py). `signature.json`, `descri
 ONNX needs jax2onnx and onnx (README "Deploy"); its NMS is ONNX's NonMaxSuppression op.
 """
 
-from absl import app, flags
+from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+
+console.quiet_native_logs()
+
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights, a training workdir or one step's folder.")
@@ -47,9 +53,7 @@ def parse_batch_size(value, fmt: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.verbose:
-    from absl import logging  # pylint: disable=import-outside-toplevel
-    logging.set_verbosity(logging.WARNING)
+  console.setup(verbose=FLAGS.verbose)
   if len(FLAGS.image_size) != 2 or not all(s.isdigit() for s in FLAGS.image_size):
     raise app.UsageError(f"--image_size must be H,W, got {','.join(FLAGS.image_size)}")
   from retinanet_jax import checkpoints, export  # pylint: disable=import-outside-toplevel
@@ -64,9 +68,11 @@ def main(argv):
     loaded = checkpoints.load_model(FLAGS.checkpoint, dtype=FLAGS.dtype)
     export.export_model(loaded, FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
   except (ValueError, FileExistsError, ImportError) as e:
+    if errors.exit_code_of(e) is not None:  # a checkpoint (4) or an existing output (6)
+      raise
     raise app.UsageError(str(e)) from None
   print(f"wrote {FLAGS.output} ({FLAGS.format}, input uint8 {spec.signature()['inputs']['images']['shape']})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

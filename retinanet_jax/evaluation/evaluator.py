@@ -130,8 +130,12 @@ class Evaluator:
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
     """
+    from retinanet_jax import console  # pylint: disable=import-outside-toplevel
+
     detections, evaluated = [], []
-    for batch in self.eval_input:
+    batches = console.progress(self.eval_input, desc=f"Evaluating {self.num_images} images",
+                               total=len(self.eval_input))  # one line, on a terminal only
+    for batch in batches:
       det = self.step_fn(params, rest, batch)
       fields = {k: _to_host(getattr(det, k)) for k in ("boxes", "scores", "classes", "valid")}
       meta = {k: _to_host(batch[k]) for k in ("image_id", "scale", "example_mask")}

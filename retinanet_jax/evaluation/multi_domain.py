@@ -253,8 +253,8 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
       raise ValueError(f"{e}: give a config for the geometry and evaluation settings") from None
   config = config_lib.Config.from_config_dict(config)
   if config.eval.metric != "coco":
-    raise ValueError(f"multi-domain evaluation reports COCO AP; eval.metric is "
-                     f"{config.eval.metric!r}")
+    raise config_lib.ConfigError([f"eval.metric: {config.eval.metric!r}, but multi-domain "
+                                  f"evaluation reports COCO AP; use 'coco'"])
   cache = data_dir if data_dir is not None else config.data.data_dir
   loaded = checkpoints.load_model(path)
   mesh = train_state.make_mesh()
