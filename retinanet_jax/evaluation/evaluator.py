@@ -3,6 +3,7 @@
     evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=eval_graphdef,
                                    description=description, mesh=mesh)
     metrics, detections = evaluator.run(params, rest)
+    result, detections = evaluator.evaluate(params, rest)  # metrics, AP per category, maxDets
 
 One evaluator serves training (evaluations during and after the run), scripts/evaluate.py (a saved
 model) and the benchmark. Built once, from the evaluation input, its COCO ground truth, and the model's
@@ -27,6 +28,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.evaluation import coco
+from retinanet_jax.evaluation import miss_rate
 from retinanet_jax.models import preprocessing
 from retinanet_jax.train_state import DATA_AXIS
 
@@ -73,43 +75,67 @@ class Evaluator:
     ground_truth: its COCO ground truth (original pixels, dataset category ids).
     label_map: the model's classes -> dataset category ids and names.
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
+    max_dets, backend: the COCO evaluation's maxDets and engine (`config.EvalConfig`).
+    metric, miss_rate_category: 'coco' or 'miss_rate' (pedestrian MR^-2) and its category.
   """
 
   eval_input: Any
   ground_truth: dict
   label_map: labels_lib.LabelMap
   step_fn: Any
+  max_dets: tuple = coco.DEFAULT_MAX_DETS
+  backend: str = "pycocotools"
+  metric: str = "coco"
+  miss_rate_category: str = ""
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
-               mesh) -> Evaluator:
+               mesh, step_fn=None) -> Evaluator:
     """The evaluator of `data_config.eval_split` for a model with `description`
     (`model_description.ModelDescription`: anchors, input convention, label map) and `graphdef`
-    (evaluation mode)."""
+    (evaluation mode). `step_fn`: the compiled step of another evaluator of the same model,
+    geometry and settings (multi-domain evaluation), reused instead of compiling a new one."""
     from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
 
     eval_input = data_lib.make_eval_input(data_config, global_batch_size=eval_config.batch_size,
                                           mesh=mesh)
     image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(data_config))
     anchor_set = anchor_lib.generate_anchors(image_hw, config=description.anchors)
-    step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
-                                input_convention=description.input_convention,
-                                eval_config=eval_config, mesh=mesh)
-    return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
-               label_map=description.label_map, step_fn=step_fn)
+    if step_fn is None:
+      step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
+                                  input_convention=description.input_convention,
+                                  eval_config=eval_config, mesh=mesh)
+    ground_truth = data_lib.coco_ground_truth(data_config)
+    if eval_config.metric == "miss_rate":  # a category that is not there fails before training
+      miss_rate.evaluated_category(ground_truth["categories"], eval_config.miss_rate_category)
+    return cls(eval_input=eval_input, ground_truth=ground_truth,
+               label_map=description.label_map, step_fn=step_fn,
+               max_dets=tuple(eval_config.max_dets), backend=eval_config.backend,
+               metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category)
 
   @property
   def num_images(self) -> int:
     return len(self.ground_truth["images"])
 
   def run(self, params, rest) -> tuple[dict[str, float], list[dict]]:
-    """`(metrics, coco_detections)` over the whole evaluation split, once.
+    """`(metrics, coco_detections)` over the whole evaluation split, once (`evaluate`'s summary)."""
+    result, detections = self.evaluate(params, rest)
+    return result.metrics, detections
+
+  def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
+    """`(result, coco_detections)` over the whole evaluation split, once: a `coco.CocoResult` (the
+    summary at `max_dets`, AP per category) or, with metric 'miss_rate', a
+    `miss_rate.MissRateResult`.
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
     """
+    from retinanet_jax import console  # pylint: disable=import-outside-toplevel
+
     detections, evaluated = [], []
-    for batch in self.eval_input:
+    batches = console.progress(self.eval_input, desc=f"Evaluating {self.num_images} images",
+                               total=len(self.eval_input))  # one line, on a terminal only
+    for batch in batches:
       det = self.step_fn(params, rest, batch)
       fields = {k: _to_host(getattr(det, k)) for k in ("boxes", "scores", "classes", "valid")}
       meta = {k: _to_host(batch[k]) for k in ("image_id", "scale", "example_mask")}
@@ -126,7 +152,11 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
-    return coco.coco_evaluate(self.ground_truth, detections), detections
+    if self.metric == "miss_rate":
+      return miss_rate.evaluate_miss_rate(self.ground_truth, detections,
+                                          category=self.miss_rate_category), detections
+    return coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
+                                    backend=self.backend), detections
 
 
 def replicate(tree, mesh):
@@ -135,7 +165,13 @@ def replicate(tree, mesh):
 
 
 def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = None) -> dict[str, float]:
-  """COCO metrics of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
+  """The summary metrics of `evaluate_saved` (same arguments)."""
+  return evaluate_saved(path, config=config, output_dir=output_dir).metrics
+
+
+def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
+  """The evaluation (`coco.CocoResult`, or `miss_rate.MissRateResult` with eval.metric
+  'miss_rate') of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
   evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
@@ -157,10 +193,12 @@ def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = Non
   mesh = train_state.make_mesh()
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
-  metrics, detections = evaluator.run(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
+  result, detections = evaluator.evaluate(replicate(loaded.params, mesh),
+                                          replicate(loaded.rest, mesh))
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     tag = "converted" if loaded.step is None else str(loaded.step)
-    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), metrics,
-                       checkpoint=os.path.abspath(path), num_detections=len(detections))
-  return metrics
+    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), result.metrics,
+                       checkpoint=os.path.abspath(path), num_detections=len(detections),
+                       **result.to_json())
+  return result
