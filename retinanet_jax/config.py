@@ -38,6 +38,7 @@ from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import collectives
 from retinanet_jax import losses
 from retinanet_jax import matching
+from retinanet_jax import postprocess
 from retinanet_jax import typed_config
 from retinanet_jax import xla_flags
 from retinanet_jax.data import config as data_config_lib
@@ -175,6 +176,9 @@ class EvalConfig:
     at_end: evaluate when training ends.
     num_images_png: a PNG of this many validation images with their detections (0: none).
     png_score: detections drawn on it score at least this.
+    nms_mode: 'tiled' (sorted candidates in tiles: scales with max_detections) or 'rounds' (one
+      round per kept box); identical detections (postprocess.py). Dense scenes (max_detections in
+      the hundreds or thousands) want 'tiled'.
   """
 
   batch_size: int = 8
@@ -185,6 +189,7 @@ class EvalConfig:
   at_end: bool = True
   num_images_png: int = 8
   png_score: float = 0.3
+  nms_mode: str = _choice("tiled", postprocess.NMS_MODES)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:
@@ -207,6 +212,10 @@ class RuntimeConfig:
       (retinanet_jax/xla_flags.py; a flag already in $XLA_FLAGS wins; '' adds none).
     compilation_cache_dir: JAX's persistent compilation cache; '{workdir}' stands for --workdir;
       '' turns it off; $JAX_COMPILATION_CACHE_DIR, if set, wins.
+    matching_block_size: ground-truth slots per block of the anchor-box IoU in matching
+      (matching.py): 0 (auto) computes the whole [M, A] matrix when it has at most 2**22 entries
+      per image and blocks of 2**22 // A slots otherwise; M is always dense. The targets are
+      identical for every value; only memory and speed change.
   """
 
   conv_kernel_gradient: str = _choice("auto", convolution.KERNEL_GRADIENTS)
@@ -214,6 +223,11 @@ class RuntimeConfig:
   grad_reduction: str = _choice("psum", collectives.MODES)
   xla_flags_cpu: str = " ".join(xla_flags.CPU_FLAGS)
   compilation_cache_dir: str = "{workdir}/compilation_cache"
+  matching_block_size: int = 0
+
+  def __post_init__(self):
+    if self.matching_block_size < 0:
+      raise ValueError(f"matching_block_size must be >= 0 (0: auto), got {self.matching_block_size}")
 
 
 SECTIONS = {

@@ -44,7 +44,7 @@ def eval_step(graphdef, params, rest, batch: dict, *, anchor_set: anchor_lib.Anc
   return postprocess.postprocess_detections(
       cls_logits, box_deltas, anchors=anchor_set, image_hw=batch["image_hw"],
       score_threshold=e.score_threshold, topk_candidates=e.topk_candidates,
-      nms_threshold=e.nms_threshold, max_detections=e.max_detections)
+      nms_threshold=e.nms_threshold, max_detections=e.max_detections, nms_mode=e.nms_mode)
 
 
 def compile_eval_step(graphdef, *, anchor_set, input_convention, eval_config, mesh):
