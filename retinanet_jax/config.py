@@ -179,6 +179,9 @@ class EvalConfig:
     nms_mode: 'tiled' (sorted candidates in tiles: scales with max_detections) or 'rounds' (one
       round per kept box); identical detections (postprocess.py). Dense scenes (max_detections in
       the hundreds or thousands) want 'tiled'.
+    count_score_threshold: counting (evaluation/counting.py): an image's count is its detections
+      scoring at least this; None: chosen on the evaluated split (the lowest count MAE over the
+      grid 0.05..0.95), and reported with the metrics as `count_threshold`.
   """
 
   batch_size: int = 8
@@ -190,6 +193,7 @@ class EvalConfig:
   num_images_png: int = 8
   png_score: float = 0.3
   nms_mode: str = _choice("tiled", postprocess.NMS_MODES)
+  count_score_threshold: Optional[float] = None
 
   def __post_init__(self):
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:

@@ -26,6 +26,7 @@ from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import checkpoints as checkpoints_lib
 from retinanet_jax import config as config_lib
 from retinanet_jax import evaluation
+from retinanet_jax.evaluation import counting
 from retinanet_jax import metric_writer
 from retinanet_jax import train_state as train_state_lib
 from retinanet_jax import train_step as train_step_lib
@@ -117,7 +118,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         json.dump(detections, f)
     writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.log(f"Evaluation at step {step} ({evaluator.num_images} images, "
-               f"{time.time() - began:.0f} s):\n{evaluation.format_table(metrics)}")
+               f"{time.time() - began:.0f} s):\n{evaluation.format_table(metrics)}\n"
+               + counting.format_counts(metrics))
     return metrics
 
   def check_finite(state) -> None:

@@ -36,6 +36,9 @@ def main(argv):
   metrics = evaluator.evaluate_saved_model(FLAGS.checkpoint, config=FLAGS.config,
                                            output_dir=FLAGS.output)
   print(evaluation.format_table(metrics))
+  from retinanet_jax.evaluation import counting  # pylint: disable=import-outside-toplevel
+  if "count_mae" in metrics:
+    print(counting.format_counts(metrics))
 
 
 if __name__ == "__main__":

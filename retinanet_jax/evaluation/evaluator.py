@@ -27,6 +27,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.evaluation import coco
+from retinanet_jax.evaluation import counting
 from retinanet_jax.models import preprocessing
 from retinanet_jax.train_state import DATA_AXIS
 
@@ -73,12 +74,15 @@ class Evaluator:
     ground_truth: its COCO ground truth (original pixels, dataset category ids).
     label_map: the model's classes -> dataset category ids and names.
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
+    count_threshold: score threshold of the counting metrics (evaluation/counting.py); None:
+      chosen on this split.
   """
 
   eval_input: Any
   ground_truth: dict
   label_map: labels_lib.LabelMap
   step_fn: Any
+  count_threshold: float | None = None
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
@@ -96,14 +100,16 @@ class Evaluator:
                                 input_convention=description.input_convention,
                                 eval_config=eval_config, mesh=mesh)
     return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
-               label_map=description.label_map, step_fn=step_fn)
+               label_map=description.label_map, step_fn=step_fn,
+               count_threshold=getattr(eval_config, "count_score_threshold", None))
 
   @property
   def num_images(self) -> int:
     return len(self.ground_truth["images"])
 
   def run(self, params, rest) -> tuple[dict[str, float], list[dict]]:
-    """`(metrics, coco_detections)` over the whole evaluation split, once.
+    """`(metrics, coco_detections)` over the whole evaluation split, once: the COCO metrics plus
+    the counting metrics `count_mae`, `count_rmse`, `count_threshold` (evaluation/counting.py).
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
@@ -126,7 +132,10 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
-    return coco.coco_evaluate(self.ground_truth, detections), detections
+    metrics = coco.coco_evaluate(self.ground_truth, detections)
+    metrics.update(counting.count_metrics(self.ground_truth, detections,
+                                          threshold=self.count_threshold))
+    return metrics, detections
 
 
 def replicate(tree, mesh):
