@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from benchmarks import accelerator, core, inference, input_pipeline, training
+from benchmarks import accelerator, core, evaluation, inference, input_pipeline, training
 from benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine, flops_rates,
                                update_matmul_rate)
 
@@ -18,6 +18,7 @@ SUITE_CASES = {
     "train": (training.bench_train,),
     "input": (input_pipeline.bench_input,),
     "accelerator": (accelerator.bench_accelerator,),
+    "eval": (evaluation.bench_coco_eval,),  # not in 'all': it needs faster-coco-eval
 }
 
 

@@ -42,6 +42,7 @@ from retinanet_jax import postprocess
 from retinanet_jax import typed_config
 from retinanet_jax import xla_flags
 from retinanet_jax.data import config as data_config_lib
+from retinanet_jax.evaluation import coco as coco_lib
 from retinanet_jax.models import convolution
 from retinanet_jax.models import retinanet as retinanet_lib
 
@@ -54,6 +55,7 @@ SCHEDULES = ("step", "cosine")
 INIT_MODES = ("model", "backbone")
 DONATE_STATE = ("auto", "always", "never")
 INPUT_CONVENTIONS = ("torchvision", "caffe", "caffe_fair")
+EVAL_METRICS = ("coco", "miss_rate")
 VARIANTS = ("", "smoke")
 # Written into a training run's workdir: the config without its runtime section (evaluate.py reads
 # the data and evaluation settings from it).
@@ -176,6 +178,17 @@ class EvalConfig:
     at_end: evaluate when training ends.
     num_images_png: a PNG of this many validation images with their detections (0: none).
     png_score: detections drawn on it score at least this.
+    max_dets: pycocotools' maxDets, strictly increasing: the summary's AP and area-AR are at the last
+      value M and AR at each (evaluation/coco.py; COCO's (1, 10, 100); dense scenes, e.g.
+      SKU-110K: (1, 10, 100, 300)). Names carry M when M != 100 (AP@300, AR300). M may not exceed
+      max_detections (the numbers at M would be those at max_detections under another name).
+    backend: the COCOeval engine, 'pycocotools' (the reference) or 'faster_coco_eval' (the optional
+      `faster-coco-eval` package, `pip install faster-coco-eval`; same numbers, faster).
+    metric: 'coco' (COCO AP, evaluation/coco.py) or 'miss_rate' (pedestrians: the Caltech /
+      CityPersons log-average miss rate MR^-2 on the Reasonable, Small, Heavy and All subsets,
+      evaluation/miss_rate.py; the ground truth's visibility and ignore fields are read).
+    miss_rate_category: metric 'miss_rate': the name of the evaluated category; '' picks the one
+      named 'pedestrian' or 'person', or the only one.
     nms_mode: 'tiled' (sorted candidates in tiles: scales with max_detections) or 'rounds' (one
       round per kept box); identical detections (postprocess.py). Dense scenes (max_detections in
       the hundreds or thousands) want 'tiled'.
@@ -192,6 +205,10 @@ class EvalConfig:
   at_end: bool = True
   num_images_png: int = 8
   png_score: float = 0.3
+  max_dets: tuple[int, ...] = coco_lib.DEFAULT_MAX_DETS
+  backend: str = _choice("pycocotools", coco_lib.BACKENDS)
+  metric: str = _choice("coco", EVAL_METRICS)
+  miss_rate_category: str = ""
   nms_mode: str = _choice("tiled", postprocess.NMS_MODES)
   count_score_threshold: Optional[float] = None
 
@@ -199,6 +216,18 @@ class EvalConfig:
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:
       raise ValueError(f"batch_size, topk_candidates and max_detections must be >= 1, got "
                        f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
+    coco_lib.check_max_dets(self.max_dets)
+    if (self.backend == "faster_coco_eval"
+        and importlib.util.find_spec("faster_coco_eval") is None):
+      raise ValueError(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
+                       f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
+                       f"eval.backend='pycocotools'")
+    if self.max_dets[-1] > self.max_detections:
+      raise ValueError(
+          f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: the "
+          f"post-processing keeps at most {self.max_detections} detections per image, so the "
+          f"numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; raise "
+          f"max_detections to >= {self.max_dets[-1]} or end max_dets at <= {self.max_detections}")
 
 
 @dataclasses.dataclass(frozen=True)

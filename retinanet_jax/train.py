@@ -110,15 +110,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def run_eval(step: int, state) -> dict[str, float]:
     began = time.time()
-    metrics, detections = evaluator.run(state.params, state.rest)
+    result, detections = evaluator.evaluate(state.params, state.rest)
+    metrics = result.metrics
     if jax.process_index() == 0:
       evaluation.write_metrics(os.path.join(workdir, f"eval_{step}.json"), metrics, step=step,
-                               num_detections=len(detections))
+                               num_detections=len(detections), **result.to_json())
       with open(os.path.join(workdir, f"detections_{step}.json"), "w") as f:
         json.dump(detections, f)
     writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.log(f"Evaluation at step {step} ({evaluator.num_images} images, "
-               f"{time.time() - began:.0f} s):\n{evaluation.format_table(metrics)}\n"
+               f"{time.time() - began:.0f} s):\n{evaluation.format_report(result)}\n"
                + counting.format_counts(metrics))
     return metrics
 

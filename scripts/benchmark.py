@@ -15,6 +15,8 @@ a module of `benchmarks/`, whose docstring says what it measures:
   input        the training input pipeline against torchvision's transforms, per core (input_pipeline.py).
   accelerator  bfloat16 training and inference on a GPU/TPU, torchvision with AMP (accelerator.py);
                'all' includes it in --quick only.
+  eval         COCO evaluation: eval.backend='faster_coco_eval' against pycocotools (evaluation.py;
+               not in 'all').
 
 Every row times ours and the peer alternately (ours, peer, peer, ours, ...) and reports medians of
 the wall-clock time and of this process's CPU time, and the ratios peer / ours (> 1: we are faster).

@@ -33,12 +33,11 @@ def main(argv):
   xla_flags.apply_xla_flags(" ".join(xla_flags.CPU_FLAGS) if flags_cpu is None else flags_cpu)
   from retinanet_jax import evaluation  # pylint: disable=import-outside-toplevel
   from retinanet_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
-  metrics = evaluator.evaluate_saved_model(FLAGS.checkpoint, config=FLAGS.config,
-                                           output_dir=FLAGS.output)
-  print(evaluation.format_table(metrics))
+  result = evaluator.evaluate_saved(FLAGS.checkpoint, config=FLAGS.config, output_dir=FLAGS.output)
+  print(evaluation.format_report(result))
   from retinanet_jax.evaluation import counting  # pylint: disable=import-outside-toplevel
-  if "count_mae" in metrics:
-    print(counting.format_counts(metrics))
+  if "count_mae" in result.metrics:
+    print(counting.format_counts(result.metrics))
 
 
 if __name__ == "__main__":

@@ -189,3 +189,13 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
   assert text.startswith("# Benchmarks\n\nintro\n<!-- benchmark:begin -->\nnew table\n<!-- benchmark:end -->\ntail\n")
   assert text.endswith("<!-- benchmark-accelerator:begin -->\ngpu rows\n<!-- benchmark-accelerator:end -->\n")
   assert "old" not in text
+
+
+def test_eval_suite_times_both_backends_on_the_same_numbers():
+  from benchmarks import evaluation as evaluation_bench
+  from benchmarks import timing
+  rows = evaluation_bench.bench_coco_eval(timing.Session(timing.Options(quick=True)))
+  assert len(rows) == 2
+  for row in rows:
+    assert row.suite == "eval" and row.ours.wall > 0 and row.peer.wall > 0
+    assert float(row.note.rsplit(" ", 1)[-1]) < 1e-6  # largest metric difference

@@ -13,7 +13,8 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import optimizer, train_state
 from retinanet_jax.data import transforms
 
-CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic"]
+CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic",
+           "sardet_r50"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -126,3 +127,43 @@ def _coco_labels():
 def test_config_files_load_by_path_with_a_variant():
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "synthetic.py") + ":smoke")
   assert c.train.steps == 3 and c.model.backbone == "resnet18"
+
+
+def test_eval_max_dets_are_checked_against_max_detections():
+  c = config_lib.default_config()
+  assert config_lib.Config.from_config_dict(c).eval.max_dets == (1, 10, 100)
+  c.eval.max_dets = [1, 10, 100, 300]  # a list, as JSON gives it back
+  c.eval.max_detections = 300
+  typed = config_lib.Config.from_config_dict(c)
+  assert typed.eval.max_dets == (1, 10, 100, 300)
+  assert config_lib.Config.from_json(json.loads(json.dumps(typed.to_json()))) == typed
+  c.eval.max_detections = 200
+  with pytest.raises(config_lib.ConfigError, match=r"eval: max_dets \(1, 10, 100, 300\) ends above "
+                     r"max_detections=200.*raise max_detections to >= 300"):
+    config_lib.Config.from_config_dict(c)
+  c.eval.max_dets = (10, 1)
+  with pytest.raises(config_lib.ConfigError, match="eval: max_dets must be strictly increasing"):
+    config_lib.Config.from_config_dict(c)
+
+
+def test_a_missing_optional_evaluation_backend_is_named_at_the_boundary(monkeypatch):
+  import importlib.util as util
+  c = config_lib.default_config()
+  c.eval.backend = "faster_coco_eval"
+  assert config_lib.Config.from_config_dict(c).eval.backend == "faster_coco_eval"  # installed here
+  real = util.find_spec
+  monkeypatch.setattr(util, "find_spec",
+                      lambda name, *a: None if name == "faster_coco_eval" else real(name, *a))
+  with pytest.raises(config_lib.ConfigError, match=r"eval: backend 'faster_coco_eval' needs .* "
+                     r"pip install 'faster-coco-eval==1.8.0'"):
+    config_lib.Config.from_config_dict(c)
+
+
+def test_sardet_recipe():
+  c = config_lib.Config.from_config_dict(importlib.import_module("configs.sardet_r50").get_config())
+  assert (c.data.mode, c.data.image_size, c.model.num_classes) == ("fixed", 800, 6)
+  assert transforms.padded_hw(transforms.TransformConfig.from_data_config(c.data)) == (800, 800)
+  assert (c.train.optimizer, c.train.base_lr, c.train.weight_decay) == ("adamw", 1e-4, 0.05)
+  # 1x: 12 epochs of 94,493 images at batch 16, drops after epochs 8 and 11, 500 warm-up steps.
+  assert (c.train.steps, c.train.decay_steps, c.train.warmup_steps) == (70_870, (47_247, 64_964),
+                                                                        500)

@@ -7,8 +7,9 @@ plus three files in the dataset's folder:
 
 * `label_map.json`: contiguous labels <-> the dataset's own category ids and names (`LabelMap`);
 * `ground_truth_{split}.json`: the COCO-format ground truth that evaluation uses: original pixels,
-  original category ids, crowd flags, original `area`; annotation `id`s are renumbered 1..N (pycocotools
-  treats id 0 as "unmatched") and the original id is kept as `source_id`;
+  original category ids, crowd flags, original `area`, and the fields evaluators read when present
+  (`coco_validation.EVALUATION_FIELDS`: visibility, ignore flags); annotation `id`s are renumbered
+  1..N (pycocotools treats id 0 as "unmatched") and the original id is kept as `source_id`;
 * `prepare_report.json`: counts and every problem, grouped by kind, each naming its ids.
 
 Stored features (one example per image; boxes in original pixels):
@@ -265,7 +266,7 @@ def ground_truth_dict(kept: list, label_map: LabelMap) -> dict:
       annotations.append({
           "id": len(annotations) + 1, "source_id": o.source_id, "image_id": record["id"],
           "category_id": o.category_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": o.area,
-          "iscrowd": int(o.is_crowd)})
+          "iscrowd": int(o.is_crowd), **o.extra})
   return {"info": {"description": "ground truth written by retinanet_jax"}, "images": images,
           "annotations": annotations, "categories": label_map.coco_categories()}
 

@@ -237,15 +237,22 @@ def read_annotations(path: str, report: Report, *, split: str | None = None) -> 
 # ------------------------------------------------------------------------------------------------
 # The JSON.
 
+# Annotation fields that evaluators read besides the box (evaluation/miss_rate.py: visibility and
+# ignore flags of pedestrian datasets); kept as they are in ground_truth_{split}.json when present.
+EVALUATION_FIELDS = ("vis_ratio", "vis_bbox", "visible_bbox", "bbox_vis", "ignore")
+
+
 @dataclasses.dataclass
 class Object:
-  """One kept annotation; `box` is [x1, y1, x2, y2] in pixels, clipped to the image."""
+  """One kept annotation; `box` is [x1, y1, x2, y2] in pixels, clipped to the image; `extra` its
+  `EVALUATION_FIELDS`."""
 
   source_id: int
   box: tuple[float, float, float, float]
   category_id: int
   is_crowd: bool
   area: float
+  extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -414,7 +421,8 @@ def _annotations(coco: dict, split: str, records: dict[int, dict], category_ids:
     x2, y2 = min(x + w, float(width)), min(y + h, float(height))
     area = ann.get("area", w * h)
     objects[image_id].append(Object(ann_id, (x1, y1, x2, y2), category_id, bool(crowd),
-                                    float(area) if _is_number(area) else w * h))
+                                    float(area) if _is_number(area) else w * h,
+                                    {k: ann[k] for k in EVALUATION_FIELDS if k in ann}))
   return objects
 
 

@@ -17,7 +17,7 @@ import ml_collections
 from retinanet_jax import typed_config
 from retinanet_jax.data import synthetic
 
-MODES = ("resize", "lsj")
+MODES = ("resize", "lsj", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +40,15 @@ class DataConfig:
     mode: "resize": short side S, long side at most max_size, padded to a square of side
       ceil(max_size / pad_multiple) * pad_multiple (the paper, torchvision, detectron2). "lsj":
       large-scale jitter: resize so the image fits image_size * s (s ~ U(scale_range)), random crop
-      or pad to image_size x image_size (rounded up to pad_multiple).
+      or pad to image_size x image_size (rounded up to pad_multiple). "fixed": every image resized to
+      image_size x image_size without keeping its aspect ratio (boxes scaled per axis, mapped back
+      per axis for evaluation; mmdetection's keep_ratio=False, SARDet-100K's 800x800); training
+      augmentation is the horizontal flip only.
     train_min_size_range: resize: training S is a uniform integer in [lo, hi]; (800, 800) is the
       paper's fixed scale, (640, 800) the common multi-scale schedule.
     eval_min_size, max_size: resize: evaluation S, and the long side's limit.
-    image_size, scale_range: lsj: output side and scale range (the LSJ paper: 1024, (0.1, 2.0)).
+    image_size, scale_range: lsj: output side and scale range (the LSJ paper: 1024, (0.1, 2.0));
+      fixed: the output side (scale_range unused).
     pad_multiple: padded height and width are multiples of this (128 = the largest FPN stride).
     hflip_prob: probability of a horizontal flip in training.
     max_boxes: ground-truth slots per image (COCO has at most 93 boxes per training image).

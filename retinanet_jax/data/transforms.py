@@ -12,6 +12,10 @@ Geometry (all boxes `[x1, y1, x2, y2]` float32 pixels; `h0, w0` original size, `
   with `s' = new / old` per axis, and a box corner `x` lands at `x * s'`. Boxes are scaled by the
   per-axis `s'` (exact ratio of integer sizes), shifted by the crop offset, clipped to the output and
   dropped when a side is <= `min_box_side`.
+* fixed mode (`fixed_resize`): every image resized to `image_size x image_size` whatever its aspect
+  ratio (mmdetection's `Resize(scale=(S, S), keep_ratio=False)`, SARDet-100K's 800x800), boxes scaled
+  per axis by `(S / w0, S / h0)`; the rest (clip, drop, flip, padding) as in resize mode. `scale` is
+  then `(S / h0, S / w0)`, so evaluation maps boxes back per axis.
 * Horizontal flip (train, probability `hflip_prob`) of the valid region of width `w`:
   `x1' = w - x2, x2' = w - x1`.
 * The image is zero-padded at the bottom/right to the static `padded_hw(config)`; boxes are padded
@@ -39,6 +43,7 @@ import tensorflow as tf
 class Mode(enum.Enum):
   RESIZE = "resize"
   LSJ = "lsj"
+  FIXED = "fixed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,8 @@ def preprocess(example: dict, *, config: TransformConfig, train: bool, seed: tf.
     train: random scale/crop/flip when True; deterministic eval geometry when False.
     seed: int64 [2], stateless seed of this example (ignored when train is False).
   """
+  if config.mode == Mode.FIXED:
+    return fixed_resize(example, config=config, train=train, seed=seed)
   image, boxes = example["image"], example["boxes"]
   h0 = tf.cast(example["original_hw"][0], tf.float32)
   w0 = tf.cast(example["original_hw"][1], tf.float32)
@@ -196,3 +203,22 @@ def preprocess(example: dict, *, config: TransformConfig, train: bool, seed: tf.
       "num_truncated_boxes": num_truncated,
       "num_nonfinite_pixels": num_nonfinite,
   }
+
+
+def fixed_resize(example: dict, *, config: TransformConfig, train: bool, seed: tf.Tensor) -> dict:
+  """`preprocess` in fixed mode: the image stretched to `image_size x image_size` (aspect ratio not
+  kept), boxes scaled per axis; then resize mode's steps on an image already at its size (its scale
+  is 1 there, so clipping, dropping, the flip and the padding are resize mode's own code), with
+  `scale` the per-axis factors `(S / h0, S / w0)` (float32 [2]) of this resize."""
+  side = config.image_size
+  h0 = tf.cast(example["original_hw"][0], tf.float32)
+  w0 = tf.cast(example["original_hw"][1], tf.float32)
+  scale_yx = tf.constant([side, side], tf.float32) / tf.stack([h0, w0])
+  image = _resize(example["image"], tf.constant([side, side], tf.int32))
+  boxes = example["boxes"] * tf.stack([scale_yx[1], scale_yx[0], scale_yx[1], scale_yx[0]])
+  at_size = dataclasses.replace(config, mode=Mode.RESIZE, train_min_size_range=(side, side),
+                                eval_min_size=side, max_size=side)
+  out = preprocess({**example, "image": image, "boxes": boxes,
+                    "original_hw": tf.constant([side, side], tf.int32)},
+                   config=at_size, train=train, seed=seed)
+  return {**out, "scale": scale_yx}

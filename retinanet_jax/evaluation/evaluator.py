@@ -3,6 +3,7 @@
     evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=eval_graphdef,
                                    description=description, mesh=mesh)
     metrics, detections = evaluator.run(params, rest)
+    result, detections = evaluator.evaluate(params, rest)  # metrics, AP per category, maxDets
 
 One evaluator serves training (evaluations during and after the run), scripts/evaluate.py (a saved
 model) and the benchmark. Built once, from the evaluation input, its COCO ground truth, and the model's
@@ -28,6 +29,7 @@ from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.evaluation import coco
 from retinanet_jax.evaluation import counting
+from retinanet_jax.evaluation import miss_rate
 from retinanet_jax.models import preprocessing
 from retinanet_jax.train_state import DATA_AXIS
 
@@ -74,6 +76,8 @@ class Evaluator:
     ground_truth: its COCO ground truth (original pixels, dataset category ids).
     label_map: the model's classes -> dataset category ids and names.
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
+    max_dets, backend: the COCO evaluation's maxDets and engine (`config.EvalConfig`).
+    metric, miss_rate_category: 'coco' or 'miss_rate' (pedestrian MR^-2) and its category.
     count_threshold: score threshold of the counting metrics (evaluation/counting.py); None:
       chosen on this split.
   """
@@ -82,6 +86,10 @@ class Evaluator:
   ground_truth: dict
   label_map: labels_lib.LabelMap
   step_fn: Any
+  max_dets: tuple = coco.DEFAULT_MAX_DETS
+  backend: str = "pycocotools"
+  metric: str = "coco"
+  miss_rate_category: str = ""
   count_threshold: float | None = None
 
   @classmethod
@@ -99,8 +107,13 @@ class Evaluator:
     step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
                                 input_convention=description.input_convention,
                                 eval_config=eval_config, mesh=mesh)
-    return cls(eval_input=eval_input, ground_truth=data_lib.coco_ground_truth(data_config),
+    ground_truth = data_lib.coco_ground_truth(data_config)
+    if eval_config.metric == "miss_rate":  # a category that is not there fails before training
+      miss_rate.evaluated_category(ground_truth["categories"], eval_config.miss_rate_category)
+    return cls(eval_input=eval_input, ground_truth=ground_truth,
                label_map=description.label_map, step_fn=step_fn,
+               max_dets=tuple(eval_config.max_dets), backend=eval_config.backend,
+               metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category,
                count_threshold=getattr(eval_config, "count_score_threshold", None))
 
   @property
@@ -108,8 +121,15 @@ class Evaluator:
     return len(self.ground_truth["images"])
 
   def run(self, params, rest) -> tuple[dict[str, float], list[dict]]:
-    """`(metrics, coco_detections)` over the whole evaluation split, once: the COCO metrics plus
-    the counting metrics `count_mae`, `count_rmse`, `count_threshold` (evaluation/counting.py).
+    """`(metrics, coco_detections)` over the whole evaluation split, once (`evaluate`'s summary)."""
+    result, detections = self.evaluate(params, rest)
+    return result.metrics, detections
+
+  def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
+    """`(result, coco_detections)` over the whole evaluation split, once: a `coco.CocoResult` (the
+    summary at `max_dets`, AP per category) or, with metric 'miss_rate', a
+    `miss_rate.MissRateResult`. A `CocoResult`'s `metrics` also hold the counting metrics
+    `count_mae`, `count_rmse`, `count_threshold`, `count_threshold_chosen` (evaluation/counting.py).
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
@@ -132,10 +152,14 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
-    metrics = coco.coco_evaluate(self.ground_truth, detections)
-    metrics.update(counting.count_metrics(self.ground_truth, detections,
-                                          threshold=self.count_threshold))
-    return metrics, detections
+    if self.metric == "miss_rate":
+      return miss_rate.evaluate_miss_rate(self.ground_truth, detections,
+                                          category=self.miss_rate_category), detections
+    result = coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
+                                      backend=self.backend)
+    result.metrics.update(counting.count_metrics(self.ground_truth, detections,
+                                                 threshold=self.count_threshold))
+    return result, detections
 
 
 def replicate(tree, mesh):
@@ -144,7 +168,13 @@ def replicate(tree, mesh):
 
 
 def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = None) -> dict[str, float]:
-  """COCO metrics of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
+  """The summary metrics of `evaluate_saved` (same arguments)."""
+  return evaluate_saved(path, config=config, output_dir=output_dir).metrics
+
+
+def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
+  """The evaluation (`coco.CocoResult`, or `miss_rate.MissRateResult` with eval.metric
+  'miss_rate') of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
   evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
@@ -166,10 +196,12 @@ def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = Non
   mesh = train_state.make_mesh()
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
-  metrics, detections = evaluator.run(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
+  result, detections = evaluator.evaluate(replicate(loaded.params, mesh),
+                                          replicate(loaded.rest, mesh))
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     tag = "converted" if loaded.step is None else str(loaded.step)
-    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), metrics,
-                       checkpoint=os.path.abspath(path), num_detections=len(detections))
-  return metrics
+    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), result.metrics,
+                       checkpoint=os.path.abspath(path), num_detections=len(detections),
+                       **result.to_json())
+  return result

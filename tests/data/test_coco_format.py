@@ -204,3 +204,23 @@ def test_prepare_dataset_script_end_to_end(tmp_path):
                                "--strict"])
   assert strict.returncode == 1 and "fatal problems (unknown_category_id)" in strict.stderr
   assert "unknown category id 5" in strict.stdout and "Traceback" not in strict.stderr
+
+
+def test_visibility_and_ignore_fields_reach_the_stored_ground_truth(tmp_path):
+  """Pedestrian datasets: the fields the miss-rate evaluator reads are kept as they are."""
+  from retinanet_jax.data import coco_validation
+  from retinanet_jax.data.labels import LabelMap
+  coco = json.loads(json.dumps(THREE_IMAGES))
+  coco["annotations"][0].update(vis_ratio=0.4, ignore=1, extra_field="dropped")
+  coco["annotations"][2]["vis_bbox"] = [0, 0, 30, 20]
+  write_images(tmp_path / "images", coco)
+  validation = coco_validation.validate(
+      {"validation": (coco, coco_format.image_reader(tmp_path / "images"))})
+  kept = [(record, objects) for record, objects, _ in validation.splits["validation"]]
+  gt = coco_format.ground_truth_dict(kept, LabelMap.from_categories(validation.categories))
+  by_source = {a["source_id"]: a for a in gt["annotations"]}
+  assert by_source[11]["vis_ratio"] == 0.4 and by_source[11]["ignore"] == 1
+  assert "extra_field" not in by_source[11]
+  assert by_source[13]["vis_bbox"] == [0, 0, 30, 20]
+  assert set(by_source[12]) == {"id", "source_id", "image_id", "category_id", "bbox", "area",
+                                "iscrowd"}
