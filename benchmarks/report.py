@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from benchmarks import accelerator, core, evaluation, inference, input_pipeline, training
+from benchmarks import accelerator, core, dense, evaluation, inference, input_pipeline, training
 from benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine, flops_rates,
                                update_matmul_rate)
 
@@ -19,6 +19,8 @@ SUITE_CASES = {
     "input": (input_pipeline.bench_input,),
     "accelerator": (accelerator.bench_accelerator,),
     "eval": (evaluation.bench_coco_eval,),  # not in 'all': it needs faster-coco-eval
+    # not in 'all' (an R50 step at 640 twice, matching at 2,000 boxes): run it on its own
+    "dense": (dense.bench_dense_matching, dense.bench_dense_nms, dense.bench_dense_training),
 }
 
 

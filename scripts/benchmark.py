@@ -15,6 +15,8 @@ a module of `benchmarks/`, whose docstring says what it measures:
   input        the training input pipeline against torchvision's transforms, per core (input_pipeline.py).
   accelerator  bfloat16 training and inference on a GPU/TPU, torchvision with AMP (accelerator.py);
                'all' includes it in --quick only.
+  dense        thousands of boxes: matching at 100/500/2,000 boxes (time, peak memory), NMS at
+               D = 100/300/1,000, the 640 training step at 1,000 vs 100 boxes (dense.py; not in 'all').
   eval         COCO evaluation: eval.backend='faster_coco_eval' against pycocotools (evaluation.py;
                not in 'all').
 

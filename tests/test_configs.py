@@ -14,7 +14,7 @@ from retinanet_jax import optimizer, train_state
 from retinanet_jax.data import transforms
 
 CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic",
-           "sardet_r50"]
+           "sardet_r50", "sku110k", "carpk", "dense_synthetic"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
