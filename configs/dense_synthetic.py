@@ -8,8 +8,9 @@ The model and optimizer of configs/synthetic.py; what changes for density:
     px), 2000 training and 100 validation images; `max_boxes` 400 (the densest image has ~160);
   * anchors: `anchor_scale` 1.5 (12, 15 and 19 px on P3), the size of the objects;
   * evaluation: up to 400 detections per image (`max_detections`; COCO's 100 would cap recall at
-    100 of ~150 objects), 1000 candidates per level, and counting (`eval.count_score_threshold`
-    None: chosen on the validation split, evaluation/counting.py).
+    100 of ~150 objects), AP with up to 300 detections per image (`max_dets` (1, 10, 100, 300):
+    AP@300, SKU-110K's protocol), 1000 candidates per level, and counting
+    (`eval.count_score_threshold` None: chosen on the validation split, evaluation/counting.py).
 """
 
 import os
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None):
   c.data.max_boxes = 400
   c.anchors.anchor_scale = 1.5
   c.eval.max_detections = 400
+  c.eval.max_dets = (1, 10, 100, 300)
   c.eval.topk_candidates = 1000
   c.eval.batch_size = 10
   c.eval.num_images_png = 4
