@@ -162,11 +162,16 @@ def _assert_same_match(a, b, context):
                                   err_msg=f"{field}, {context}")
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_jit_match(mode, block):  # one compilation per mode and block size (and shapes)
+  return jit_match(low_quality=mode, block_size=block)
+
+
 def _blocked_vs_dense(anchors, gt, mask, crowd, block_sizes, modes=matching.LOW_QUALITY_MODES):
   for mode in modes:
-    dense = jit_match(low_quality=mode, block_size=gt.shape[0])(anchors, gt, mask, gt_is_crowd=crowd)
+    dense = _cached_jit_match(mode, gt.shape[0])(anchors, gt, mask, gt_is_crowd=crowd)
     for block in block_sizes:
-      blocked = jit_match(low_quality=mode, block_size=block)(anchors, gt, mask, gt_is_crowd=crowd)
+      blocked = _cached_jit_match(mode, block)(anchors, gt, mask, gt_is_crowd=crowd)
       _assert_same_match(blocked, dense, f"mode {mode}, block {block}")
   return dense
 

@@ -136,9 +136,14 @@ def test_bad_input_raises():
 
 # --- Tiled NMS: the rounds NMS (the reference) and torchvision's batched_nms, on adversarial sets. ---
 
-def _nms(fn, boxes, scores, classes, *, max_detections, **kwargs):
-  index, valid = jax.jit(functools.partial(fn, iou_threshold=0.5, max_detections=max_detections,
-                                           **kwargs))(boxes, scores, classes)
+@functools.lru_cache(maxsize=None)
+def _jit_nms(fn, max_detections, tile=None):  # one compilation per form, D and tile
+  kwargs = {} if tile is None else {"tile": tile}
+  return jax.jit(functools.partial(fn, iou_threshold=0.5, max_detections=max_detections, **kwargs))
+
+
+def _nms(fn, boxes, scores, classes, *, max_detections, tile=None):
+  index, valid = _jit_nms(fn, max_detections, tile)(boxes, scores, classes)
   return np.asarray(index)[np.asarray(valid)]
 
 
