@@ -189,6 +189,6 @@ def test_console_is_quiet_unless_verbose(converted, tmp_path):
     return done.stdout + done.stderr
 
   quiet = run(f"--output={tmp_path / 'quiet'}")
-  assert quiet.splitlines() == [f"{path}: 100 detections, 0 drawn -> photo.detections.png"], quiet
+  assert quiet.splitlines() == [f"{path}: 100 detections, 0 drawn, count 0 -> photo.detections.png"], quiet
   loud = run(f"--output={tmp_path / 'loud'}", "--verbose")  # Orbax's and the backends' INFO lines
   assert "orbax-checkpoint version" in loud and len(loud.splitlines()) > 2, loud
