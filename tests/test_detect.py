@@ -189,6 +189,7 @@ def test_console_is_quiet_unless_verbose(converted, tmp_path):
     return done.stdout + done.stderr
 
   quiet = run(f"--output={tmp_path / 'quiet'}")
-  assert quiet.splitlines() == [f"{path}: 100 detections, 0 drawn, count 0 -> photo.detections.png"], quiet
+  expected = f"{path}: 100 detections, 0 drawn, count 0 -> photo.detections.png"
+  assert quiet.splitlines() == [expected], quiet
   loud = run(f"--output={tmp_path / 'loud'}", "--verbose")  # Orbax's and the backends' INFO lines
   assert "orbax-checkpoint version" in loud and len(loud.splitlines()) > 2, loud

@@ -88,9 +88,10 @@ def choose_threshold(scores: Sequence[np.ndarray], true, *,
 
 def count_metrics(ground_truth: Mapping, detections: Iterable[Mapping], *,
                   threshold: float | None = None) -> dict[str, float]:
-  """`{"count_mae", "count_rmse", "count_threshold", "count_threshold_chosen"}` over every image of `ground_truth` (a
-  COCO-format dict), counting `detections` (COCO results) scoring >= `threshold`; `threshold`
-  None: `choose_threshold` on these images. Empty ground truth (no images): every value -1."""
+  """`{"count_mae", "count_rmse", "count_threshold", "count_threshold_chosen"}` over every image
+  of `ground_truth` (a COCO-format dict), counting `detections` (COCO results) scoring >=
+  `threshold`; `threshold` None: `choose_threshold` on these images. Empty ground truth (no
+  images): every value -1."""
   image_ids = [int(im["id"]) for im in ground_truth.get("images", [])]
   if not image_ids:
     return {name: -1.0 for name in METRIC_NAMES}
