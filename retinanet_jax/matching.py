@@ -151,50 +151,38 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
 
   # A lax.scan over the blocks of slots, each step a vectorized [block, A] IoU block: the running
   # best box per anchor (first-index argmax within a block, strict '>' across blocks: the lowest
-  # slot on ties, as torch.max), and per box its best IoU and best anchor. Invalid slots score -1,
-  # below any real IoU. For 'ties' the same loop runs a second lap over the blocks, testing each
-  # anchor's IoU for equality with the box's best: one loop body, so both laps compute every IoU
-  # with the same instructions and the equality is exact (XLA may contract multiply-adds into FMAs
-  # differently in two separately compiled loops).
-  laps = 2 if low_quality == "ties" else 1
-
-  def first_lap(carry, quality, iou, start, ok):
-    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
+  # slot on ties, as torch.max), and per box its best anchor. Invalid slots score -1, below any real
+  # IoU. A block holds every anchor, so each box's best IoU over all anchors is known in its own
+  # step, and 'ties' tests the block's IoUs for equality with it there: one pass, and the equality
+  # is exact (the maximum is one of the very values it is compared with).
+  def step(carry, i):
+    best_iou, best_gt, crowd_iou, best_anchor, tied = carry
+    start = i * block
+    boxes = jax.lax.dynamic_slice_in_dim(gt_boxes, start, block)
+    ok = jax.lax.dynamic_slice_in_dim(matchable, start, block)
+    iou = iou_with(boxes)
+    quality = jnp.where(ok[:, None], iou, -1.0)
     block_best = jnp.max(quality, axis=0)
     block_arg = jnp.argmax(quality, axis=0).astype(jnp.int32) + start
     better = block_best > best_iou
     is_crowd = jax.lax.dynamic_slice_in_dim(crowd_slots, start, block)
     crowd_iou = jnp.maximum(crowd_iou, jnp.max(jnp.where(is_crowd[:, None], iou, -1.0), axis=0))
-    if low_quality == "force":
+    if low_quality == "ties":
+      box_best = jnp.max(quality, axis=1, keepdims=True)  # [block, 1], over all anchors
+      tied = tied | jnp.any(ok[:, None] & (quality == box_best), axis=0)
+    elif low_quality == "force":
       best_anchor = jax.lax.dynamic_update_slice_in_dim(
           best_anchor, jnp.argmax(quality, axis=1).astype(jnp.int32), start, 0)
-    best_per_gt = jax.lax.dynamic_update_slice_in_dim(best_per_gt, jnp.max(quality, axis=1),
-                                                      start, 0)
     return (jnp.where(better, block_best, best_iou), jnp.where(better, block_arg, best_gt),
-            crowd_iou, best_per_gt, best_anchor, tied)
-
-  def second_lap(carry, quality, iou, start, ok):
-    del iou
-    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
-    target = jax.lax.dynamic_slice_in_dim(best_per_gt, start, block)
-    hit = ok[:, None] & (quality == target[:, None])
-    return (best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied | jnp.any(hit, axis=0))
-
-  def step(carry, i):
-    start = (i % num_blocks) * block
-    boxes = jax.lax.dynamic_slice_in_dim(gt_boxes, start, block)
-    ok = jax.lax.dynamic_slice_in_dim(matchable, start, block)
-    iou = iou_with(boxes)  # computed once per step, before the branch: both laps read the same bits
-    quality = jnp.where(ok[:, None], iou, -1.0)
-    return jax.lax.cond(i < num_blocks, first_lap, second_lap, carry, quality, iou, start, ok), None
+            crowd_iou, best_anchor, tied), None
 
   # Carries built "like" an IoU row, so that they have its type under shard_map (varying axes).
   template = jnp.zeros_like(iou_with(gt_boxes[:1])[0])
   per_gt = jnp.zeros_like(gt_boxes[:, 0])
-  init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt - 1.0,
-          per_gt.astype(jnp.int32), template.astype(bool))
-  (best_iou, gt_index, crowd_iou, _, best_anchor, tied), _ = jax.lax.scan(
-      step, init, jnp.arange(laps * num_blocks, dtype=jnp.int32))
+  init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt.astype(jnp.int32),
+          template.astype(bool))
+  (best_iou, gt_index, crowd_iou, best_anchor, tied), _ = jax.lax.scan(
+      step, init, jnp.arange(num_blocks, dtype=jnp.int32))
   has_gt = jnp.any(matchable)
 
   state = jnp.where(best_iou >= positive_threshold, POSITIVE,
