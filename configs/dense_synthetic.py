@@ -5,7 +5,7 @@ objects per image (SKU-110K's average), counted as well as detected.
 
 The model and optimizer of configs/synthetic.py; what changes for density:
   * data: 192x192 images filled with shelves of 10-19 px objects packed side by side (gaps of 0-1
-    px), 2000 training and 100 validation images; `max_boxes` 400 (the densest image has ~160);
+    px), 2000 training and 100 validation images; `max_boxes` 400 (the densest image has 176);
   * anchors: `anchor_scale` 1.5 (12, 15 and 19 px on P3), the size of the objects;
   * evaluation: up to 400 detections per image (`max_detections`; COCO's 100 would cap recall at
     100 of ~150 objects), AP with up to 300 detections per image (`max_dets` (1, 10, 100, 300):
