@@ -28,8 +28,8 @@ union). One block of all M slots is the dense form; any block size gives the sam
 included (blocks are visited in slot order, strict '>' across blocks and first-index argmax within
 one keep the lowest slot, as `torch.max`). `block_size=0` (auto) takes the dense form when the matrix
 has at most `AUTO_BLOCK_ELEMENTS` entries per image, else blocks of `AUTO_BLOCK_ELEMENTS // A` slots:
-matching 76,725 anchors to 2,000 boxes then holds 54-slot blocks of 16 MiB, not a 614 MB matrix
-per image (docs/benchmarks.md has the memory and time).
+matching 76,725 anchors to 2,000 boxes then works on 54-slot blocks of 16 MiB (49 MiB of XLA buffers
+in all), not a 614 MB matrix per image (docs/benchmarks.md has the memory and time).
 """
 
 from __future__ import annotations
