@@ -56,7 +56,7 @@ def torchvision_input(examples, *, mode: str, image_size: int, min_size: int, ma
 
 
 def bench_input(session: Session) -> list[Row]:
-  quick = session.options.quick  # one measurement per side: each runs for input_seconds
+  quick = session.options.quick  # one window per side; else ABBA twice, each for input_seconds
   import torch
 
   from benchmarks import input_data
@@ -80,11 +80,15 @@ def bench_input(session: Session) -> list[Row]:
         max_size=config.max_size, padded_hw=padded_hw, batch_size=batch_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a DataLoader worker: one process per core, one thread each
-    ours, peer = [], []
+    ours, peer = [], []  # (images, wall seconds, CPU seconds of this process) per window
     try:
-      for _ in range(1 if quick else 2):
-        ours.append(input_data.input_images_per_second(config, seconds=seconds,
-                                                       batch_size=batch_size, warmup_batches=2))
+      # ABBA: ours, peer, peer, ours (x2), so that a change in the machine's load hits both sides.
+      for side in ["ours", "peer"] if quick else ["ours", "peer", "peer", "ours"] * 2:
+        if side == "ours":
+          r = input_data.input_images_per_second(config, seconds=seconds, batch_size=batch_size,
+                                                 warmup_batches=2)
+          ours.append((r.images, r.seconds, r.cpu_seconds))
+          continue
         peer_batch()
         images, wall, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - wall < seconds:
@@ -92,15 +96,17 @@ def bench_input(session: Session) -> list[Row]:
         peer.append((images, time.perf_counter() - wall, time.process_time() - cpu))
     finally:
       torch.set_num_threads(threads)
-    best = max(ours, key=lambda r: r.images_per_second_per_core)
-    peer_images, peer_wall, peer_cpu = max(peer, key=lambda p: p[0] / p[1])
+    cores = input_data.host_cores()
+    ours_images, ours_wall, ours_cpu = (sum(w[i] for w in ours) for i in range(3))
+    peer_images, peer_wall, peer_cpu = (sum(w[i] for w in peer) for i in range(3))
     name = (f"LSJ {config.image_size} (scale 0.1-2.0, crop/pad, flip)" if mode == "lsj" else
             f"resize {config.train_min_size_range[0]}/{config.max_size} + flip")
     rows.append(Row(
         "input", f"input pipeline {name}, padded {padded_hw[0]}x{padded_hw[1]}: time per image "
-        "and core", Timing(1 / best.images_per_second_per_core, 1 / best.images_per_cpu_second),
+        "and core", Timing(ours_wall * cores / ours_images, ours_cpu / ours_images),
         Timing(peer_wall / peer_images, peer_cpu / peer_images), 0.0,
-        f"ours {best.images_per_second_per_core:.1f} images/s per core ({best.cores} cores, tf.data), "
-        f"{best.images_per_cpu_second:.1f} per CPU-s; torchvision {peer_images / peer_wall:.1f} "
-        "images/s on 1 core"))
+        f"ours {ours_images / ours_wall / cores:.1f} images/s per core ({cores} cores, tf.data), "
+        f"{ours_images / ours_cpu:.1f} per CPU-s; torchvision {peer_images / peer_wall:.1f} "
+        f"images/s on 1 core, {peer_images / peer_cpu:.1f} per CPU-s; "
+        f"{len(ours)} + {len(peer)} windows" + ("" if quick else " (ABBA)")))
   return rows

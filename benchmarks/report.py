@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from benchmarks import accelerator, core, dense, evaluation, inference, input_pipeline, training
+from benchmarks import accelerator, core, deploy, dense, evaluation, inference, input_pipeline, training
 from benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine, flops_rates,
                                update_matmul_rate)
 
@@ -18,6 +18,7 @@ SUITE_CASES = {
     "train": (training.bench_train,),
     "input": (input_pipeline.bench_input,),
     "accelerator": (accelerator.bench_accelerator,),
+    "deploy": (deploy.bench_deploy,),
     "eval": (evaluation.bench_coco_eval,),  # not in 'all': it needs faster-coco-eval
     # not in 'all' (an R50 step at 640 twice, matching at 2,000 boxes): run it on its own
     "dense": (dense.bench_dense_matching, dense.bench_dense_nms, dense.bench_dense_training),
@@ -26,14 +27,15 @@ SUITE_CASES = {
 
 def suite_cases(suite: str, *, quick: bool) -> tuple:
   """The cases of `suite`. 'all' is the four CPU suites, plus the accelerator suite in quick mode (so
-  that the tests run it on the CPU). The CPU suites run torchvision on the CPU, so on a GPU or TPU
-  host they would compare different hardware: there they need JAX_PLATFORMS=cpu, and the device rows
+  that the tests run it on the CPU); 'deploy', 'eval' and 'dense' run on their own (--suite=deploy,
+  --suite=eval, --suite=dense). The CPU suites run torchvision on the CPU, so on a GPU or TPU host they would
+  compare different hardware: there they need JAX_PLATFORMS=cpu, and the device rows
   come from --suite=accelerator."""
   import jax
   if suite not in SUITES:
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
   names = list(CPU_SUITES) + (["accelerator"] if quick else []) if suite == "all" else [suite]
-  if jax.default_backend() != "cpu" and set(names) & set(CPU_SUITES):
+  if jax.default_backend() != "cpu" and set(names) & {*CPU_SUITES, "deploy"}:
     raise ValueError(f"--suite={suite} compares against torchvision on the CPU but JAX runs on "
                      f"{jax.default_backend()}: run it with JAX_PLATFORMS=cpu, and use "
                      "--suite=accelerator for this device")

@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Callable
 
-SUITES = ("core", "model", "train", "input", "accelerator", "eval", "dense", "all")
+SUITES = ("core", "model", "train", "input", "accelerator", "deploy", "eval", "dense", "all")
 CPU_SUITES = ("core", "model", "train", "input")
 
 
@@ -116,6 +116,20 @@ def side_by_side(ours: Callable[[], object], peer: Callable[[], object], repeats
       times[side].append(timed(ours if side == 0 else peer))
   med = lambda ts: Timing(statistics.median(t.wall for t in ts), statistics.median(t.cpu for t in ts))
   return med(times[0]), med(times[1])
+
+
+def round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+  """Median wall and CPU times of each of `fns`, run in turn after one warm-up call each, the order
+  reversed every other round (A B C, C B A, ...) so that a change of the machine's load hits all."""
+  for fn in fns.values():
+    fn()
+  names = list(fns)
+  times = {name: [] for name in names}
+  for i in range(repeats):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      times[name].append(timed(fns[name]))
+  return {name: Timing(statistics.median(t.wall for t in ts), statistics.median(t.cpu for t in ts))
+          for name, ts in times.items()}
 
 
 def block(x):

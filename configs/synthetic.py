@@ -7,6 +7,13 @@ only sizes change: 128x128 images, a ResNet-18 trained from scratch (no pretrain
 downloaded here) with batch norm on batch statistics ('sync_bn': global over devices; cheaper than
 GroupNorm on the CPU), 64-channel FPN and GroupNorm heads, anchors of 16-256 px (anchor_scale 2) to
 fit 8-96 px objects, GIoU box loss, AdamW with warm-up and cosine decay, 800 steps of 16 images.
+
+The input sizes follow the dataset's: `--config.data.synthetic.image_size=64` alone also sets the
+five sizes derived from it (`config.derive_fields`, at the typed-config boundary).
+
+Variant `smoke` (`--config=configs/synthetic.py:smoke`): 3 steps on a small synthetic dataset of its
+own (64 training and 16 validation images, built in a second), evaluated on its whole validation
+split, so that `--config.data.synthetic.num_validation=8` (or any other knob) composes with it.
 """
 
 from retinanet_jax import config as config_lib
@@ -49,6 +56,7 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = 0
     c.train.log_every = 1
     c.train.checkpoint_every = 3
-    c.data.eval_split = "validation[:16]"
+    c.data.synthetic.num_train = 64
+    c.data.synthetic.num_validation = 16
     c.eval.num_images_png = 2
   return c

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -31,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
+from retinanet_jax import errors
 from retinanet_jax import model_description as description_lib
 from retinanet_jax.train_state import TrainState
 
@@ -39,8 +41,20 @@ LEGACY_METADATA_FILE = "metadata.json"
 ITEMS = ("model", "optimizer", "description")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read as asked; the message says which path and what to do."""
+class CheckpointError(errors.KnownError, ValueError):
+  """A checkpoint that cannot be read as asked; the message says which path and what to do. Scripts
+  exit with `errors.CHECKPOINT` (4)."""
+
+  exit_code = errors.CHECKPOINT
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read back (truncated, cut short, corrupted): the message
+  names the step and the folder. `step` is None for converted weights."""
+
+  def __init__(self, message: str, *, path: str, step: Optional[int] = None):
+    super().__init__(message)
+    self.path, self.step = path, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,9 +80,26 @@ def split_model_state(pure: dict, params_template, rest_template):
   return tuple(out)
 
 
-def _optimizer_item(state: TrainState) -> dict:
-  return {"step": state.step, "opt_state": state.opt_state, "normalizer": state.normalizer,
+def _optimizer_item(state: TrainState, *, divergence: bool = True) -> dict:
+  item = {"step": state.step, "opt_state": state.opt_state, "normalizer": state.normalizer,
           "nonfinite_step": state.nonfinite_step}
+  if divergence:  # absent from checkpoints written before the divergence guard
+    item["divergence"] = state.divergence
+  return item
+
+
+def _saved_shapes(item_dir: str) -> list[tuple]:
+  """The array shapes of an Orbax item (metadata only: no array is read), in tree order."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(item_dir).item_metadata.tree
+  return [tuple(x.shape) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))]
+
+
+def _saved_keys(item_dir: str) -> set:
+  """The top-level keys of an Orbax item that hold something (metadata only)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(item_dir).item_metadata.tree
+  return {k for k, v in tree.items() if jax.tree.leaves(v, is_leaf=lambda x: hasattr(x, "shape"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +109,12 @@ def _optimizer_item(state: TrainState) -> dict:
 class Checkpoints:
   """Orbax `CheckpointManager` of a run (items `model`, `optimizer`, `description`), plus each
   host's input-iterator position.
+
+  Restoring (`restore_newest`): a checkpoint whose files cannot be read back (truncated, cut short,
+  corrupted; or its input position) is damaged; by `on_damaged` it stops the run
+  (`DamagedCheckpointError`) or is moved to `workdir/damaged/` (never deleted) and the next older
+  one is tried. A checkpoint that reads but does not fit the model (another config) is not damaged:
+  `CheckpointError`, nothing moved.
 
   A step's input positions are written (under `workdir/input_state/<step>/`) by every host, then all
   hosts meet at a barrier, then its Orbax checkpoint starts (asynchronously: the arrays are copied to
@@ -94,6 +131,7 @@ class Checkpoints:
                description: Optional[description_lib.ModelDescription] = None):
     self.directory = os.path.join(workdir, "checkpoints")
     self.input_directory = os.path.join(workdir, "input_state")
+    self.damaged_directory = os.path.join(workdir, "damaged")
     self.description = description
     self._remove_unfinished_saves()
     legacy = _legacy_steps(self.directory)
@@ -148,17 +186,119 @@ class Checkpoints:
     self._remove_input_states(keep_below=step)
 
   def restore(self, step: int, abstract_state: TrainState, train_input) -> TrainState:
-    """The state of `step`, shaped and sharded like `abstract_state` (`ShapeDtypeStruct`s)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_state_dict(abstract_state.params,
-                                                        abstract_state.rest)),
-        optimizer=ocp.args.StandardRestore(_optimizer_item(abstract_state))))
+    """The state of `step`, shaped and sharded like `abstract_state` (`ShapeDtypeStruct`s), and
+    `train_input`'s position. Raises `DamagedCheckpointError` when a file of the step cannot be read
+    back, `CheckpointError` when the step holds another model's arrays."""
+    folder = os.path.join(self.directory, str(step))
+    model_target = model_state_dict(abstract_state.params, abstract_state.rest)
+    optimizer_target = _optimizer_item(abstract_state)
+    try:
+      if "divergence" not in _saved_keys(os.path.join(folder, "optimizer")):
+        optimizer_target = _optimizer_item(abstract_state, divergence=False)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(model_target),
+          optimizer=ocp.args.StandardRestore(optimizer_target)))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_mismatch(step, {"model": model_target, "optimizer": optimizer_target})
+      raise DamagedCheckpointError(
+          f"checkpoint step {step} in {folder} is damaged: its files cannot be read back "
+          f"({_first_line(e)})", path=folder, step=step) from e
     params, rest = split_model_state(restored["model"], abstract_state.params, abstract_state.rest)
     opt = restored["optimizer"]
+    divergence = opt.get("divergence")
+    if divergence is None:  # written before the divergence guard: it starts afresh
+      from retinanet_jax import train_state as train_state_lib  # pylint: disable=import-outside-toplevel
+      divergence = jax.device_put(
+          train_state_lib.initial_divergence_state(abstract_state.divergence["recent"].shape[0]),
+          abstract_state.step.sharding)
     if train_input is not None:
-      train_input.restore_state(os.path.join(self.input_directory, str(step)))
+      where = os.path.join(self.input_directory, str(step))
+      try:
+        train_input.restore_state(where)
+      except Exception as e:  # pylint: disable=broad-except
+        raise DamagedCheckpointError(
+            f"the input-iterator position of checkpoint step {step} in {where} is damaged or "
+            f"missing ({_first_line(e)})", path=where, step=step) from e
     return TrainState(step=opt["step"], params=params, rest=rest, opt_state=opt["opt_state"],
-                      normalizer=opt["normalizer"], nonfinite_step=opt["nonfinite_step"])
+                      normalizer=opt["normalizer"], nonfinite_step=opt["nonfinite_step"],
+                      divergence=divergence)
+
+  def _raise_mismatch(self, step: int, targets: dict) -> None:
+    """Raises `CheckpointError` if step's items read (metadata only) but hold other shapes than
+    `targets`; returns when they match or cannot be read (then the step is damaged)."""
+    for item, target in targets.items():
+      try:
+        saved = _saved_shapes(os.path.join(self.directory, str(step), item))
+      except Exception:  # pylint: disable=broad-except
+        return
+      wanted = [tuple(x.shape) for x in jax.tree.leaves(target)]
+      if saved != wanted:
+        first = next((i for i, (a, b) in enumerate(zip(saved, wanted)) if a != b),
+                     min(len(saved), len(wanted)))
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} was written by another model or "
+            f"optimizer than this config's: its {item!r} item holds {len(saved)} arrays, this "
+            f"config {len(wanted)} (first difference: array {first}). Use the config the run "
+            f"was started with, or another --workdir.")
+
+  def restore_newest(self, abstract_state: TrainState, train_input, make_input: Callable[[], Any],
+                     *, on_damaged: str, log: Callable[[str], None]):
+    """`(step, state, train_input)` of the newest checkpoint that restores, or `(None, None,
+    train_input)` when none does (or there is none): the run starts from scratch.
+
+    `train_input` is the training input at its start, restored in place; `make_input()` builds
+    another one like it, used after a damaged input position (which may have half-moved it). A damaged step (`restore`): `on_damaged='stop'` raises
+    `DamagedCheckpointError`, naming the step and the folder; 'fall_back' logs one paragraph,
+    moves the step's checkpoint and input position to `workdir/damaged/` and tries the next
+    older step. All hosts take the same decision (a step is damaged if it is on any host).
+    """
+    while True:
+      step = self.latest_step()
+      if step is None:
+        return None, None, train_input
+      damage = None
+      try:
+        state = self.restore(step, abstract_state, train_input)
+      except DamagedCheckpointError as e:
+        damage = e
+      if not _any_host(damage is not None):
+        return step, state, train_input
+      reason = str(damage) if damage is not None else (
+          f"checkpoint step {step} in {self.directory} could not be restored on another host")
+      if on_damaged == "stop":
+        raise DamagedCheckpointError(
+            f"{reason}. Stopping (train.on_damaged_checkpoint='stop'); nothing was moved. Rerun "
+            f"with --config.train.on_damaged_checkpoint=fall_back to set it aside and resume "
+            f"from the newest checkpoint that restores.", path=os.path.join(
+                self.directory, str(step)), step=step) from damage
+      moved = self.set_aside(step)
+      older = [s for s in self.manager.all_steps() if s < step]
+      log(f"Warning: {reason}. It was moved, not deleted, to {' and '.join(moved)}; "
+          + (f"resuming from the previous checkpoint, step {max(older)}, if it restores."
+             if older else "no older checkpoint is left: training starts from step 0."))
+      train_input = make_input()
+
+  def set_aside(self, step: int) -> list[str]:
+    """Moves `step`'s checkpoint folder and input position (those that exist) into
+    `workdir/damaged/` (process 0; all hosts wait); returns the new paths. Never deletes."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    moved = []
+    for folder, kind in ((self.directory, "checkpoint"), (self.input_directory, "input_state")):
+      source = os.path.join(folder, str(step))
+      target = os.path.join(self.damaged_directory, f"{kind}_{step}")
+      n = 1
+      while tf.io.gfile.exists(target):  # an earlier damaged copy of the same step stays too
+        n += 1
+        target = os.path.join(self.damaged_directory, f"{kind}_{step}-{n}")
+      if tf.io.gfile.exists(source):
+        moved.append(target)
+        if jax.process_index() == 0:
+          tf.io.gfile.makedirs(self.damaged_directory)
+          tf.io.gfile.rename(source, target)
+    multihost_utils.sync_global_devices(f"checkpoint_{step}_set_aside")
+    self.manager.reload()
+    return moved
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -182,6 +322,36 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+_STATUS = re.compile(r"\b(?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
+                     r"UNKNOWN|INTERNAL|PERMISSION_DENIED): [^\n]*")
+
+
+def _first_line(error: BaseException) -> str:
+  """The line of `error` (or of the errors it was raised from) that says what failed: a storage
+  status line ("OUT_OF_RANGE: Error reading ... in OCDBT database ...") when there is one."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 5:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    match = _STATUS.search(str(e))
+    if match:
+      line = match.group(0)
+      break
+  else:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+  return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _any_host(flag: bool) -> bool:
+  """Whether `flag` is True on any process (a collective on several)."""
+  if jax.process_count() == 1:
+    return flag
+  flags = multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))
+  return bool(np.asarray(flags).any())
 
 
 def _legacy_steps(directory: str) -> list[int]:
@@ -264,20 +434,36 @@ def locate(path: str) -> Location:
         f"--checkpoint={path} --output=NEW_FOLDER")
   if not os.path.isdir(os.path.join(folder, "model")):
     raise CheckpointError(f"{folder} has no model item (an unfinished or damaged checkpoint?)")
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    where = os.path.join(folder, "description")
-    obj = checkpointer.restore(where)
+  where = os.path.join(folder, "description")
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      obj = checkpointer.restore(where)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpointError(
+        f"checkpoint step {step} in {folder} is damaged: its model description cannot be read "
+        f"({_first_line(e)}); use another step's folder (e.g. {os.path.dirname(folder)}/<step>)",
+        path=folder, step=step) from e
   return Location(os.path.join(folder, "model"),
                   description_lib.ModelDescription.from_json(obj, where=where), step)
 
 
-def _restore_numpy(state_dir: str) -> dict:
-  """A pure dict saved by Orbax, as NumPy arrays (whatever devices wrote it), int list keys."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(state_dir).item_metadata.tree
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                            is_leaf=lambda x: hasattr(x, "shape"))
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+def _restore_numpy(state_dir: str, step: Optional[int] = None) -> dict:
+  """A pure dict saved by Orbax, as NumPy arrays (whatever devices wrote it), int list keys. Raises
+  `DamagedCheckpointError` when its files cannot be read back."""
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(state_dir).item_metadata.tree
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                              is_leaf=lambda x: hasattr(x, "shape"))
+      restored = checkpointer.restore(state_dir,
+                                      args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  except Exception as e:  # pylint: disable=broad-except
+    folder = os.path.dirname(state_dir)
+    what = f"checkpoint step {step} in {folder}" if step is not None else f"the model in {folder}"
+    hint = (f"; use an older step's folder ({os.path.dirname(folder)}/<step>) or rerun training "
+            f"to set it aside" if step is not None else "")
+    raise DamagedCheckpointError(f"{what} is damaged: its files cannot be read back "
+                                 f"({_first_line(e)}){hint}", path=folder, step=step) from e
   restored = nnx.restore_int_paths(restored)
   return traverse_util.unflatten_dict(
       {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(restored)).items()})
@@ -286,7 +472,7 @@ def _restore_numpy(state_dir: str) -> dict:
 def read_model_state(path: str) -> tuple[dict, description_lib.ModelDescription]:
   """`(pure state of NumPy arrays, description)` of any saved model (`locate`)."""
   location = locate(path)
-  return _restore_numpy(location.state_dir), location.description
+  return _restore_numpy(location.state_dir, location.step), location.description
 
 
 @dataclasses.dataclass
@@ -313,7 +499,7 @@ def load_model(path: str, *, dtype: Optional[str] = None) -> LoadedModel:
     raise CheckpointError(f"{path} holds a {location.description.kind} only, not a detector "
                           f"(use it as --config.init_from with init_mode='backbone')")
   model = location.description.build_abstract_model(dtype=dtype)
-  weights.load_into(model, _restore_numpy(location.state_dir))
+  weights.load_into(model, _restore_numpy(location.state_dir, location.step))
   model.eval()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return LoadedModel(graphdef, params, rest, location.description, location.step)
@@ -353,9 +539,15 @@ def upgrade_legacy_run(old_workdir: str, new_workdir: str, config) -> list[int]:
   checkpoints = Checkpoints(new_workdir, keep=len(steps),
                             description=train_state_lib.describe(config, labels))
   for step in steps:
+    old_path = os.path.join(old_workdir, "checkpoints", str(step), "default")
+    has_divergence = "divergence" in _saved_keys(old_path)  # the first release had no such guard
     with ocp.StandardCheckpointer() as checkpointer:
-      state = checkpointer.restore(os.path.join(old_workdir, "checkpoints", str(step), "default"),
-                                   abstract)
+      state = checkpointer.restore(old_path, abstract if has_divergence else
+                                   dataclasses.replace(abstract, divergence=None))
+    if not has_divergence:
+      state = dataclasses.replace(state, divergence=jax.device_put(
+          train_state_lib.initial_divergence_state(config.train.divergence_window),
+          state.step.sharding))
     checkpoints.save(step, state, None)
     checkpoints.wait()
     old_input = os.path.join(old_workdir, "input_state", str(step))

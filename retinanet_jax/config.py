@@ -27,9 +27,11 @@ Which reference implementation uses which value is said at each field (README's 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Optional
 
 import ml_collections
@@ -43,6 +45,7 @@ from retinanet_jax import typed_config
 from retinanet_jax import xla_flags
 from retinanet_jax.data import config as data_config_lib
 from retinanet_jax.evaluation import coco as coco_lib
+from retinanet_jax.data import synthetic as synthetic_lib
 from retinanet_jax.models import convolution
 from retinanet_jax.models import retinanet as retinanet_lib
 
@@ -56,6 +59,8 @@ INIT_MODES = ("model", "backbone")
 DONATE_STATE = ("auto", "always", "never")
 INPUT_CONVENTIONS = ("torchvision", "caffe", "caffe_fair")
 EVAL_METRICS = ("coco", "miss_rate")
+ON_DAMAGED_CHECKPOINT = ("fall_back", "stop")
+ON_DIVERGENCE = ("warn", "stop", "skip", "off")
 VARIANTS = ("", "smoke")
 # Written into a training run's workdir: the config without its runtime section (evaluate.py reads
 # the data and evaluation settings from it).
@@ -138,6 +143,19 @@ class TrainConfig:
     check_finite_every: steps between host checks of the non-finite guard (a device sync).
     checkpoint_every, keep_checkpoints: checkpoint period and how many are kept.
     eval_every: steps between evaluations during training; 0: only at the end.
+    on_damaged_checkpoint: when the checkpoint to resume from cannot be read back (a truncated or
+      corrupted file, a damaged input-iterator position): 'fall_back' (default) moves its folders
+      to `workdir/damaged/` (never deleted), says so, and resumes from the newest checkpoint that
+      restores (or from scratch if none does); 'stop' stops with one paragraph naming the step
+      and the folder (exit code 4) and moves nothing.
+    on_divergence: the divergence guard (train_step.py), for a loss that explodes yet stays
+      finite (the non-finite guard catches the rest): a step diverges when its loss exceeds
+      `divergence_factor` x the median of the previous `divergence_window` losses, and the run has
+      diverged after `divergence_patience` such steps in a row. 'warn' (default): a warning naming
+      the first step of the streak, and a line in the final summary; 'stop': stop there, like the
+      non-finite guard (exit code 5); 'skip': as 'warn', and every step whose loss is above the
+      threshold applies no update; 'off'.
+    divergence_factor, divergence_patience, divergence_window: see on_divergence (10, 3, 50).
   """
 
   batch_size: int = 16
@@ -157,10 +175,17 @@ class TrainConfig:
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
   eval_every: int = 0
+  on_damaged_checkpoint: str = _choice("fall_back", ON_DAMAGED_CHECKPOINT)
+  on_divergence: str = _choice("warn", ON_DIVERGENCE)
+  divergence_factor: float = 10.0
+  divergence_patience: int = 3
+  divergence_window: int = 50
 
   def __post_init__(self):
+    if self.divergence_factor <= 1:
+      raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
     for name in ("batch_size", "steps", "log_every", "check_finite_every", "checkpoint_every",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "divergence_patience", "divergence_window"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.base_lr <= 0:
@@ -213,21 +238,32 @@ class EvalConfig:
   count_score_threshold: Optional[float] = None
 
   def __post_init__(self):
+    problems = []
     if self.batch_size < 1 or self.topk_candidates < 1 or self.max_detections < 1:
-      raise ValueError(f"batch_size, topk_candidates and max_detections must be >= 1, got "
-                       f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
-    coco_lib.check_max_dets(self.max_dets)
+      problems.append(f"batch_size, topk_candidates and max_detections must be >= 1, got "
+                      f"{self.batch_size}, {self.topk_candidates}, {self.max_detections}")
+    try:
+      coco_lib.check_max_dets(self.max_dets)
+    except ValueError as e:
+      problems.append(str(e))
+    else:
+      if self.max_dets[-1] > self.max_detections:
+        problems.append(
+            f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: "
+            f"the post-processing keeps at most {self.max_detections} detections per image, so "
+            f"the numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; "
+            f"raise max_detections to >= {self.max_dets[-1]} or end max_dets at <= "
+            f"{self.max_detections}")
+    if self.count_score_threshold is not None and not 0 <= self.count_score_threshold <= 1:
+      problems.append(f"count_score_threshold must be in [0, 1] (a score) or None (chosen on the "
+                      f"evaluated split), got {self.count_score_threshold}")
     if (self.backend == "faster_coco_eval"
         and importlib.util.find_spec("faster_coco_eval") is None):
-      raise ValueError(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
-                       f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
-                       f"eval.backend='pycocotools'")
-    if self.max_dets[-1] > self.max_detections:
-      raise ValueError(
-          f"max_dets {tuple(self.max_dets)} ends above max_detections={self.max_detections}: the "
-          f"post-processing keeps at most {self.max_detections} detections per image, so the "
-          f"numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; raise "
-          f"max_detections to >= {self.max_dets[-1]} or end max_dets at <= {self.max_detections}")
+      problems.append(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
+                      f"which is not installed: {coco_lib.FASTER_COCO_EVAL_PIP}; or use "
+                      f"eval.backend='pycocotools'")
+    if problems:
+      raise ValueError("; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,11 +337,14 @@ class Config:
   @classmethod
   def from_config_dict(cls, config) -> Config:
     """The typed config of an `ml_collections.ConfigDict` (or dict) with `default_config()`'s
-    layout; raises `ConfigError` listing every problem of every section."""
+    layout, its derived fields recomputed from their sources (`derive_fields`); raises
+    `ConfigError` listing every problem of every section."""
     if isinstance(config, cls):
       return config
-    values = typed_config.as_dict(config)
+    values = copy.deepcopy(typed_config.as_dict(config))  # derive_fields edits it
     problems = typed_config.check_fields(cls, values, prefix="")
+    if not problems:
+      problems = derive_fields(values)
     if problems:
       raise ConfigError(problems)
     sections = {}
@@ -342,6 +381,58 @@ class Config:
   def from_json(cls, obj: dict) -> Config:
     """From `to_json()`'s dict (a run's `config.json`); the runtime section takes its defaults."""
     return cls.from_config_dict(obj)
+
+
+def synthetic_sizes(size: int) -> dict:
+  """The data fields that `data.config.synthetic_data_config()` derives from the synthetic
+  dataset's `image_size`: native size, no rescaling, padded to 128 (or 32 when 128 does not
+  divide it)."""
+  return {"train_min_size_range": (size, size), "eval_min_size": size, "max_size": size,
+          "image_size": size, "pad_multiple": 32 if size % 128 else 128}
+
+
+_SLICE = re.compile(r"^\s*(\w+)\s*\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]\s*$")
+
+
+def derive_fields(values: dict) -> list[str]:
+  """Recomputes, in `values` (a config as nested dicts, after the command line's overrides), the
+  fields derived from another one, and returns the problems of those that cannot agree.
+
+  With the built-in synthetic dataset (`data.name == 'synthetic'`), the five input sizes
+  (`synthetic_sizes`) follow `data.synthetic.image_size`: when they still hold the values derived
+  from another size (a config file set them, then `--config.data.synthetic.image_size=64` changed
+  the source), they are derived again from the new size. Sizes set to anything else are the user's
+  choice (training at another size than the native one) and are kept. A split slice that reaches
+  past the synthetic split's size (`validation[:16]` with `num_validation=8`) is a problem naming
+  both fields (TFDS would fail later, deep in its reader).
+  """
+  data = values.get("data")
+  if not isinstance(data, dict) or data.get("name") != "synthetic":
+    return []
+  synthetic = data.get("synthetic")
+  if not isinstance(synthetic, dict):
+    return []
+  defaults = synthetic_lib.SyntheticConfig()
+  size = synthetic.get("image_size", defaults.image_size)
+  current = {k: (tuple(data[k]) if isinstance(data.get(k), (list, tuple)) else data.get(k))
+             for k in synthetic_sizes(0)}
+  old = current["eval_min_size"]
+  if isinstance(old, int) and old != size and current == synthetic_sizes(old):
+    data.update(synthetic_sizes(size))
+  problems = []
+  counts = {"train": synthetic.get("num_train", defaults.num_train),
+            "validation": synthetic.get("num_validation", defaults.num_validation)}
+  for field in ("train_split", "eval_split"):
+    match = _SLICE.match(str(data.get(field, "")))
+    if not match or match.group(1) not in counts:
+      continue
+    split, end = match.group(1), match.group(3)
+    count_field = "num_train" if split == "train" else "num_validation"
+    if end and not end.startswith("-") and int(end) > counts[split]:
+      problems.append(f"data.{field}: {data[field]!r} reaches image {end} but the synthetic "
+                      f"{split!r} split has data.synthetic.{count_field}={counts[split]} images; "
+                      f"use {split}[:{counts[split]}] or less, or {split!r}")
+  return problems
 
 
 def default_config() -> ml_collections.ConfigDict:

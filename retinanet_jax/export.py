@@ -1,7 +1,8 @@
-"""Export a detector with its pre- and post-processing inside: StableHLO (`jax.export`) and a
-TensorFlow SavedModel (`jax2tf`).
+"""Export a detector with its pre- and post-processing inside: StableHLO (`jax.export`), a
+TensorFlow SavedModel (`jax2tf`) and ONNX (`jax2onnx` plus ONNX's NonMaxSuppression op,
+`export_onnx.py`).
 
-The exported function (the same in both formats):
+The exported function (the same in all formats):
 
     detect(images: uint8 [B, H, W, 3], image_hw: int32 [B, 2])
       -> boxes float32 [B, D, 4], scores float32 [B, D], classes int32 [B, D], valid bool [B, D]
@@ -16,18 +17,19 @@ class index `0..K-1` (map it with `labels.json`), rows where `valid` is False ar
 score 0, class -1). Resizing a photo to the canvas is the caller's: divide the boxes by the resize
 factor to return to the photo's pixels. `H, W` are fixed at export (the anchors are constants of the
 graph); `B` is symbolic (any batch) in StableHLO unless a fixed size is asked for, and fixed in a
-SavedModel (TensorFlow 2.21 cannot run the symbolic-batch module, `export_saved_model`).
+SavedModel (TensorFlow 2.21 cannot run the symbolic-batch module, `export_saved_model`) and in ONNX.
 
 `export_model(loaded, output_dir, *, fmt, ...)` writes into a new (or empty) `output_dir`:
 
   model.stablehlo   `jax.export.Exported.serialize()` bytes     (fmt 'stablehlo')
   saved_model/      SavedModel, signature 'serving_default'     (fmt 'savedmodel')
+  model.onnx        ONNX model (opset 23), inputs and outputs named as above (fmt 'onnx')
   signature.json    the inputs and outputs above, the thresholds, the format
   description.json  the model description (`model_description.ModelDescription.to_json()`)
   labels.json       `[{"class": k, "category_id": ..., "name": ...}]`
 
-Weights are constants of the StableHLO module and variables of the SavedModel; either runs with no
-code of this project (README "Deploy").
+Weights are constants of the StableHLO module, variables of the SavedModel and initializers of the
+ONNX model; each runs with no code of this project (README "Deploy").
 """
 
 from __future__ import annotations
@@ -47,10 +49,19 @@ from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import postprocess
 from retinanet_jax.models import preprocessing
 
-FORMATS = ("stablehlo", "savedmodel")
+FORMATS = ("stablehlo", "savedmodel", "onnx")
 STABLEHLO_FILE, SAVED_MODEL_DIR = "model.stablehlo", "saved_model"
 SIGNATURE_FILE, DESCRIPTION_FILE, LABELS_FILE = "signature.json", "description.json", "labels.json"
 OUTPUT_NAMES = ("boxes", "scores", "classes", "valid")
+FIXED_BATCH_MESSAGES = {
+    "savedmodel": "a SavedModel needs a fixed batch size (--batch_size=N): TensorFlow 2.21's "
+                  "XlaCallModule cannot refine the symbolic batch through the top-k of the "
+                  "post-processing ('stablehlo.sort' op has dynamic shapes); the StableHLO export "
+                  "keeps the batch symbolic",
+    "onnx": "an ONNX model needs a fixed batch size (--batch_size=N): the jaxpr that jax2onnx "
+            "converts is traced beforehand, at a fixed shape (export_onnx.py); the StableHLO export "
+            "keeps the batch symbolic",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,30 +107,44 @@ class ExportSpec:
     }
 
 
-def detection_function(loaded, *, spec: ExportSpec):
-  """`f(state, images, image_hw) -> {boxes, scores, classes, valid}` (the module docstring's
-  function with the model state as its first argument) and that `state` (a pytree of arrays).
+def network_function(loaded, *, spec: ExportSpec):
+  """`f(state, images, image_hw) -> (cls_logits [B, A, K], box_deltas [B, A, 4], image_hw [B, 2])`:
+  the input normalization and the network, `image_hw` clipped to the canvas; and that `state`.
 
   `loaded`: a `checkpoints.LoadedModel`."""
   description = loaded.description
   graphdef = loaded.graphdef
   height, width = spec.image_size
-  anchor_set = anchor_lib.generate_anchors((height, width), config=description.anchors)
 
-  def detect(state, images, image_hw):
+  def network(state, images, image_hw):
     params, rest = state
     model = nnx.merge(graphdef, params, rest)
     image_hw = jnp.clip(image_hw.astype(jnp.int32), 1, jnp.array([height, width], jnp.int32))
     inputs = preprocessing.normalize_images(images, image_hw,
                                             convention=description.input_convention)
     cls_logits, box_deltas = model(inputs)
+    return cls_logits, box_deltas, image_hw
+
+  return network, (loaded.params, loaded.rest)
+
+
+def detection_function(loaded, *, spec: ExportSpec):
+  """`f(state, images, image_hw) -> {boxes, scores, classes, valid}` (the module docstring's
+  function with the model state as its first argument) and that `state` (a pytree of arrays).
+
+  `loaded`: a `checkpoints.LoadedModel`."""
+  network, state = network_function(loaded, spec=spec)
+  anchor_set = anchor_lib.generate_anchors(spec.image_size, config=loaded.description.anchors)
+
+  def detect(state, images, image_hw):
+    cls_logits, box_deltas, image_hw = network(state, images, image_hw)
     detections = postprocess.postprocess_detections(
         cls_logits, box_deltas, anchors=anchor_set, image_hw=image_hw,
         score_threshold=spec.score_threshold, topk_candidates=spec.topk_candidates,
         nms_threshold=spec.nms_threshold, max_detections=spec.max_detections)
     return {name: getattr(detections, name) for name in OUTPUT_NAMES}
 
-  return detect, (loaded.params, loaded.rest)
+  return detect, state
 
 
 def input_specs(spec: ExportSpec):
@@ -170,10 +195,7 @@ def export_saved_model(loaded, path: str, *, spec: ExportSpec) -> None:
   outputs `boxes`, `scores`, `classes`, `valid`), weights as `tf.Variable`s, through `jax2tf`
   (native serialization: the same StableHLO inside an `XlaCallModule` op)."""
   if spec.batch_size is None:
-    raise ValueError(
-        "a SavedModel needs a fixed batch size (--batch_size=N): TensorFlow 2.21's XlaCallModule "
-        "cannot refine the symbolic batch through the top-k of the post-processing ('stablehlo.sort' "
-        "op has dynamic shapes); the StableHLO export keeps the batch symbolic")
+    raise ValueError(FIXED_BATCH_MESSAGES["savedmodel"])
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
 
@@ -204,7 +226,9 @@ def write_side_files(output_dir: str, description, *, spec: ExportSpec, fmt: str
                      dtype: str) -> None:
   """`signature.json`, `description.json` and `labels.json` (module docstring)."""
   label_map = description.label_map
-  signature = {"format": fmt, "dtype": dtype, **spec.signature()}
+  nms = ("ONNX NonMaxSuppression (export_onnx.py)" if fmt == "onnx"
+         else "retinanet_jax.postprocess.class_wise_nms")
+  signature = {"format": fmt, "dtype": dtype, **spec.signature(), "nms": nms}
   files = {SIGNATURE_FILE: signature, DESCRIPTION_FILE: description.to_json(),
            LABELS_FILE: [{"class": k, "category_id": int(c), "name": n}
                          for k, (c, n) in enumerate(zip(label_map.category_ids, label_map.names))]}
@@ -213,21 +237,40 @@ def write_side_files(output_dir: str, description, *, spec: ExportSpec, fmt: str
       json.dump(obj, f, indent=1)
 
 
-def export_model(loaded, output_dir: str, *, fmt: str, spec: ExportSpec,
-                 dtype: str = "float32") -> None:
-  """Writes the artifact of format `fmt` (a key of `FORMATS`) and its side files into `output_dir`,
-  which must not exist or be empty (nothing is overwritten). `loaded`: a `checkpoints.LoadedModel`
-  (`dtype` is only recorded: load the model with the dtype wanted)."""
+def check_request(output_dir: str, *, fmt: str, spec: ExportSpec, dtype: str = "float32") -> None:
+  """Raises (ValueError, FileExistsError, ImportError) before any work if `export_model` cannot
+  write this artifact: unknown format, `output_dir` not new or empty, a symbolic batch for a format
+  that needs a fixed one, ONNX in bfloat16 or without jax2onnx / onnx installed."""
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
     raise FileExistsError(f"{output_dir} exists and is not an empty directory; give a new --output "
                           f"(export never overwrites files)")
+  if fmt in FIXED_BATCH_MESSAGES and spec.batch_size is None:
+    raise ValueError(FIXED_BATCH_MESSAGES[fmt])
+  if fmt == "onnx":
+    if dtype != "float32":
+      raise ValueError(f"the ONNX export is float32 only, got --dtype={dtype} (jax2onnx 0.17.1 "
+                       f"converts no bfloat16 max pooling); bfloat16 is offered by stablehlo and "
+                       f"savedmodel")
+    from retinanet_jax import export_onnx  # pylint: disable=import-outside-toplevel
+    export_onnx.check_available()
+
+
+def export_model(loaded, output_dir: str, *, fmt: str, spec: ExportSpec,
+                 dtype: str = "float32") -> None:
+  """Writes the artifact of format `fmt` (a key of `FORMATS`) and its side files into `output_dir`,
+  which must not exist or be empty (nothing is overwritten). `loaded`: a `checkpoints.LoadedModel`
+  (`dtype` is only recorded: load the model with the dtype wanted)."""
+  check_request(output_dir, fmt=fmt, spec=spec, dtype=dtype)
   os.makedirs(output_dir, exist_ok=True)
   if fmt == "stablehlo":
     exported = export_stablehlo(loaded, spec=spec)
     with open(os.path.join(output_dir, STABLEHLO_FILE), "xb") as f:
       f.write(exported.serialize())
-  else:
+  elif fmt == "savedmodel":
     export_saved_model(loaded, os.path.join(output_dir, SAVED_MODEL_DIR), spec=spec)
+  else:
+    from retinanet_jax import export_onnx  # pylint: disable=import-outside-toplevel
+    export_onnx.export_onnx(loaded, os.path.join(output_dir, export_onnx.ONNX_FILE), spec=spec)
   write_side_files(output_dir, loaded.description, spec=spec, fmt=fmt, dtype=dtype)

@@ -85,6 +85,29 @@ def _candidates_one_image(cls_logits, box_deltas, anchors, image_hw, *, level_of
   return (jnp.concatenate(all_boxes), jnp.concatenate(all_scores), jnp.concatenate(all_classes))
 
 
+def detection_candidates(cls_logits, box_deltas, *, anchors: anchor_lib.AnchorSet, image_hw,
+                         score_threshold: float = 0.05, topk_candidates: int = 1000,
+                         box_coder: box_lib.BoxCoder = box_lib.BoxCoder()):
+  """The candidates that `postprocess_detections` passes to NMS, for a post-processing done elsewhere
+  (the ONNX export runs ONNX's NonMaxSuppression on them).
+
+  Args: as `postprocess_detections`.
+
+  Returns:
+    `(boxes [B, N, 4] float32, scores [B, N] float32, classes [B, N] int32)`, `N` the sum over levels
+    of `min(topk_candidates, level anchors x K)`; boxes `[x1, y1, x2, y2]` decoded and clipped to
+    `image_hw`; `scores` is `-inf` where a pair did not pass `score_threshold` (not a candidate).
+  """
+  anchor_boxes = jnp.asarray(anchors.boxes)
+
+  def one_image(logits, deltas, hw):
+    return _candidates_one_image(
+        logits, deltas, anchor_boxes, hw.astype(jnp.float32), level_offsets=anchors.level_offsets,
+        score_threshold=score_threshold, topk_candidates=topk_candidates, box_coder=box_coder)
+
+  return jax.vmap(one_image)(cls_logits, box_deltas, jnp.asarray(image_hw))
+
+
 def class_wise_nms(boxes, scores, classes, *, iou_threshold: float, max_detections: int):
   """Greedy class-wise NMS of one image's candidates, static shapes.
 

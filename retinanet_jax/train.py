@@ -25,6 +25,8 @@ import jax
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import checkpoints as checkpoints_lib
 from retinanet_jax import config as config_lib
+from retinanet_jax import console
+from retinanet_jax import errors
 from retinanet_jax import evaluation
 from retinanet_jax.evaluation import counting
 from retinanet_jax import metric_writer
@@ -33,8 +35,14 @@ from retinanet_jax import train_step as train_step_lib
 from retinanet_jax.evaluation import evaluator as evaluator_lib
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss or the gradients stopped being finite; the message names the step and the checkpoint."""
+class NonFiniteLossError(errors.TrainingStopped):
+  """The loss or the gradients stopped being finite; the message names the step and the checkpoint.
+  Scripts exit with `errors.TRAINING` (5)."""
+
+
+class DivergenceError(errors.TrainingStopped):
+  """The loss diverged (`train.on_divergence='stop'`); the message names the step where it began and
+  the checkpoint to resume from. Scripts exit with `errors.TRAINING` (5)."""
 
 
 def _check_batch_sizes(config: config_lib.Config) -> None:
@@ -45,11 +53,23 @@ def _check_batch_sizes(config: config_lib.Config) -> None:
                                     f"({jax.device_count()})"])
 
 
+def config_summary(config: config_lib.Config, workdir: str) -> str:
+  """The run in one line (the whole config is in `workdir/config.json`)."""
+  t, d, m = config.train, config.data, config.model
+  return (f"Config: {m.backbone} ({m.num_classes} classes) on {d.name} {d.train_split!r}, "
+          f"{t.steps} step{'s' if t.steps != 1 else ''} of {t.batch_size} images, "
+          f"{t.optimizer} lr {t.base_lr:g} ({t.schedule}), "
+          f"evaluation on {d.eval_split!r}; workdir {workdir} (config.json, log.txt)")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains RetinaNet as `config` says (a `config.Config`, or a `ConfigDict` it is built from),
   checkpoints into `workdir`, evaluates; returns a summary.
 
-  Resumes from the latest complete checkpoint in `workdir` (model, optimizer, input position).
+  Resumes from the latest complete checkpoint in `workdir` (model, optimizer, input position); a
+  damaged one is set aside into `workdir/damaged/` and the previous one used
+  (`train.on_damaged_checkpoint='fall_back'`), or raises `checkpoints.DamagedCheckpointError`
+  ('stop'). Warns when the loss diverges (`train.on_divergence`; 'stop' raises `DivergenceError`).
   Raises `NonFiniteLossError` at the first non-finite loss or gradient, naming the step and the
   checkpoint to resume from.
   """
@@ -62,6 +82,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writer.Writer(workdir)
+  writer.log(config_summary(config, workdir))
 
   # --- Mesh -------------------------------------------------------------------------------------
   mesh = train_state_lib.make_mesh()
@@ -71,7 +92,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # --- Input ------------------------------------------------------------------------------------
   if config.data.name == "synthetic":
-    data_lib.ensure_synthetic_dataset(config.data)
+    with console.library_stdout():  # TFDS's own lines go to log.txt
+      data_lib.ensure_synthetic_dataset(config.data)
   labels = data_lib.label_map(config.data)
   if labels.num_classes != config.model.num_classes:
     raise config_lib.ConfigError([f"model.num_classes: {config.model.num_classes}, but the dataset "
@@ -80,7 +102,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     data_lib.save_label_map(labels, os.path.join(workdir, "label_map.json"))
     with open(os.path.join(workdir, config_lib.RUN_CONFIG_FILE), "w") as f:
       json.dump(config.to_json(), f, indent=2)  # for scripts/evaluate.py; no runtime section
-  train_input = data_lib.make_train_input(config.data, global_batch_size=t.batch_size, mesh=mesh)
+  make_input = lambda: data_lib.make_train_input(config.data, global_batch_size=t.batch_size,
+                                                 mesh=mesh)
+  train_input = make_input()
   image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(config.data))
   anchor_set = anchor_lib.generate_anchors(image_hw, config=config.anchors)
 
@@ -94,11 +118,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # --- Checkpoints ------------------------------------------------------------------------------
   checkpoints = checkpoints_lib.Checkpoints(workdir, keep=t.keep_checkpoints,
                                             description=description)
-  start = checkpoints.latest_step()
+  # The newest checkpoint that restores; a damaged one is set aside or stops the run
+  # (train.on_damaged_checkpoint). None: from scratch.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  start, restored, train_input = checkpoints.restore_newest(
+      abstract, train_input, make_input, on_damaged=t.on_damaged_checkpoint, log=writer.log)
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    state = checkpoints.restore(start, abstract, train_input)
+    state = restored
     writer.log(f"Resumed from step {start} ({checkpoints.directory})")
   start = start or 0
 
@@ -119,12 +146,41 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         json.dump(detections, f)
     writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.log(f"Evaluation at step {step} ({evaluator.num_images} images, "
-               f"{time.time() - began:.0f} s):\n{evaluation.format_report(result)}\n"
-               + counting.format_counts(metrics))
+               f"{time.time() - began:.0f} s):\n{evaluation.format_report(result)}"
+               + (f"\n{counting.format_counts(metrics)}" if "count_mae" in metrics else ""))
     return metrics
 
+  divergence_keys = ("episodes", "diverged_at", "diverged_loss", "diverged_median", "steps_above")
+  guard_seen = {"episodes": int(jax.device_get(state.divergence["episodes"]))}  # warned already
+
   def check_finite(state) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
+    """The non-finite and divergence guards, read with one transfer from the device."""
+    bad, div = jax.device_get((state.nonfinite_step,
+                               {k: state.divergence[k] for k in divergence_keys}))
+    bad = int(bad)
+    if bad < 0 and int(div["episodes"]) > guard_seen["episodes"]:
+      guard_seen["episodes"] = int(div["episodes"])
+      at = int(div["diverged_at"])
+      what = (f"the loss diverged at step {at}: {t.divergence_patience} steps in a row from there "
+              f"were above {t.divergence_factor:g} x the median of the previous losses (loss "
+              f"{float(div['diverged_loss']):.4g} at step {at}, median "
+              f"{float(div['diverged_median']):.4g})")
+      if t.on_divergence == "stop":
+        checkpoints.wait()
+        good = [s for s in checkpoints.manager.all_steps() if s < at]
+        where = (f"the last checkpoint before it is step {max(good)} in {checkpoints.directory}"
+                 if good else "no checkpoint was written before it")
+        message = (f"{what}; {where} (later ones hold the diverging model). Lower train.base_lr or "
+                   f"enable train.grad_clip_norm, then resume from that checkpoint (move the later "
+                   f"step folders out of {checkpoints.directory}), or set "
+                   f"train.on_divergence=warn to train on.")
+        writer.log(f"Stopping (train.on_divergence='stop'): {message}")
+        raise DivergenceError(message)
+      action = ("the updates of steps above the threshold are skipped"
+                if t.on_divergence == "skip" else "training goes on")
+      writer.log(f"Warning: {what}; {action} (train.on_divergence={t.on_divergence!r}). Lower "
+                 f"train.base_lr or enable train.grad_clip_norm; train.on_divergence=stop stops "
+                 f"at the first divergence.")
     if bad >= 0:
       checkpoints.wait()
       message = (
@@ -202,12 +258,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                        score_threshold=config.eval.png_score)
       writer.log(f"Wrote {path}")
   checkpoints.close()
+  div = {k: v.item() for k, v in jax.device_get(
+      {k: state.divergence[k] for k in divergence_keys}).items()}
+  if t.on_divergence == "off":
+    writer.log("Divergence guard: off")
+  else:
+    writer.log(f"Divergence guard ({t.on_divergence}): {div['episodes']} divergence"
+               f"{'s' if div['episodes'] != 1 else ''}"
+               + (f" (the latest from step {div['diverged_at']})" if div["episodes"] else "")
+               + f", {div['steps_above']} steps above {t.divergence_factor:g} x the running median"
+               + (" (their updates skipped)" if t.on_divergence == "skip" else ""))
   stats = metric_writer.input_stats(train_input)
   writer.log(f"Input: {stats['images']} images read, {stats['dropped_boxes']} degenerate boxes "
              f"dropped, {stats['truncated_boxes']} boxes beyond max_boxes truncated, "
              f"{stats['nonfinite_images']} images with non-finite pixels set to 0")
   summary = {"step": step, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-             "metrics": metrics_eval, "input": stats}
+             "metrics": metrics_eval, "input": stats,
+             "divergence": {"policy": t.on_divergence, **div}}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -43,6 +44,7 @@ class TrainState:
     normalizer: float32 scalar, the loss-normalizer EMA (unused with `loss.normalizer='batch'`).
     nonfinite_step: int32 scalar, the first step whose loss or gradient was not finite, or -1. Once
       set, steps leave the state unchanged, so no non-finite value is ever written to a checkpoint.
+    divergence: the divergence guard's state (`initial_divergence_state`; train_step.py).
   """
 
   step: jax.Array
@@ -51,6 +53,27 @@ class TrainState:
   opt_state: Any
   normalizer: jax.Array
   nonfinite_step: jax.Array
+  divergence: Any
+
+
+def initial_divergence_state(window: int) -> dict:
+  """The divergence guard's state before any step (`train_step.divergence_update`), as NumPy.
+
+  recent: float32 `[window]`, the last finite losses in a ring (slots `>= seen` are empty, 0: a
+  checkpoint holds finite values only); seen: int32, finite losses seen (the ring's next slot is
+  `seen % window`); streak: int32, steps in a row above the
+  threshold; streak_start, start_loss, start_median: the first step of that streak, its loss and
+  the median it was compared with; episodes: int32, streaks that reached the patience (divergences);
+  diverged_at, diverged_loss, diverged_median: those of the latest divergence's first step (-1, 0,
+  0 while none); steps_above: int32, steps above the threshold in all.
+  Every leaf is its own array (a state donated to the step must not hold one buffer twice).
+  """
+  i32 = lambda v: np.array(v, np.int32)  # a new array per call
+  f32 = lambda v: np.array(v, np.float32)
+  return {"recent": np.zeros((window,), np.float32), "seen": i32(0), "streak": i32(0),
+          "streak_start": i32(-1), "start_loss": f32(0), "start_median": f32(0),
+          "episodes": i32(0), "diverged_at": i32(-1), "diverged_loss": f32(0),
+          "diverged_median": f32(0), "steps_above": i32(0)}
 
 
 @dataclasses.dataclass
@@ -137,7 +160,8 @@ def create_train_state(config: config_lib.Config, mesh: jax.sharding.Mesh, *,
   opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state,
                      normalizer=jnp.asarray(config.loss.normalizer_init, jnp.float32),
-                     nonfinite_step=jnp.full((), -1, jnp.int32))
+                     nonfinite_step=jnp.full((), -1, jnp.int32),
+                     divergence=initial_divergence_state(config.train.divergence_window))
   if abstract:
     replicated = NamedSharding(mesh, P())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -11,6 +11,15 @@ positive anchors of the whole batch summed over devices (`lax.psum`), or their E
 The non-finite guard: a step whose loss or gradient is not finite leaves the state unchanged and
 records its step in `state.nonfinite_step`; from then on every step is a no-op, so nothing
 non-finite is ever saved. The loop (train.py) checks it on the host.
+
+The divergence guard (`train.on_divergence`; `divergence_update`) catches a loss that explodes and
+stays finite: a step is above the threshold when its loss exceeds `divergence_factor` x the median
+of the previous `divergence_window` finite losses, and the run has diverged when
+`divergence_patience` steps in a row are. It is computed here, on device, rather than by the host
+from the logged losses: the loss is already on device (no extra transfer per step), the host reads
+the guard's few scalars together with the non-finite flag it fetches anyway, and 'skip' must
+decide before the update is applied, which only the step can. Its state is part of the
+checkpoint, so a resumed run judges its steps as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -57,6 +66,46 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def divergence_update(guard: dict, loss: jax.Array, step: jax.Array, *, factor: float,
+                      patience: int) -> tuple[dict, jax.Array]:
+  """`(new guard state, above)`: the divergence guard after the step numbered `step` (1-based, as
+  the log numbers them) with the finite-or-not scalar `loss`.
+
+  `guard`: `train_state.initial_divergence_state(window)`'s dict. `above`: bool scalar, True when
+  `loss > factor * median(guard['recent'])` (the previous finite losses; never on the first step,
+  which has none). A streak of `patience` steps above it in a row is a divergence: `episodes` grows
+  by one and `diverged_at`, `diverged_loss`, `diverged_median` take the streak's first step, loss
+  and median. A non-finite loss changes nothing (the non-finite guard handles it).
+  """
+  recent = guard["recent"]
+  window = recent.shape[0]
+  filled = jnp.arange(window) < guard["seen"]  # slots written so far (all once the ring is full)
+  median = jnp.nanmedian(jnp.where(filled, recent, jnp.nan))  # NaN while the ring is empty
+  finite = jnp.isfinite(loss)
+  above = finite & (guard["seen"] > 0) & (loss > factor * median)
+  starts = above & (guard["streak"] == 0)
+  streak = jnp.where(above, guard["streak"] + 1, 0)
+  declared = above & (streak == patience)
+  start_step = jnp.where(starts, step, guard["streak_start"])
+  start_loss = jnp.where(starts, loss, guard["start_loss"])
+  start_median = jnp.where(starts, median, guard["start_median"])
+  new = {
+      "recent": jnp.where(finite, recent.at[guard["seen"] % window].set(loss), recent),
+      "seen": guard["seen"] + finite.astype(jnp.int32),
+      "streak": streak,
+      "streak_start": start_step,
+      "start_loss": start_loss,
+      "start_median": start_median,
+      "episodes": guard["episodes"] + declared.astype(jnp.int32),
+      "diverged_at": jnp.where(declared, start_step, guard["diverged_at"]),
+      "diverged_loss": jnp.where(declared, start_loss, guard["diverged_loss"]),
+      "diverged_median": jnp.where(declared, start_median, guard["diverged_median"]),
+      "steps_above": guard["steps_above"] + above.astype(jnp.int32),
+  }
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, guard)
+  return new, above
+
+
 def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndarray,
                config: config_lib.Config, schedule) -> tuple[TrainState, dict]:
   """One optimizer step on this device's share of the batch. Must run under a `'data'` axis."""
@@ -95,13 +144,23 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
   params = optax.apply_updates(state.params, updates)
 
   finite = jnp.isfinite(loss) & _tree_all_finite(grads) & (state.nonfinite_step < 0)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  t = config.train
+  divergence, above = state.divergence, jnp.bool_(False)
+  if t.on_divergence != "off":
+    divergence, above = divergence_update(state.divergence, loss, state.step + 1,
+                                          factor=t.divergence_factor,
+                                          patience=t.divergence_patience)
+    divergence = jax.tree.map(lambda n, o: jnp.where(finite, n, o), divergence, state.divergence)
+  # 'skip': a step above the divergence threshold counts (step, guard) but applies no update.
+  apply = finite & ~above if t.on_divergence == "skip" else finite
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
   new_state = TrainState(
       step=jnp.where(finite, state.step + 1, state.step),
       params=keep(params, state.params), rest=keep(new_rest, state.rest),
       opt_state=keep(opt_state, state.opt_state),
-      normalizer=jnp.where(finite & (loss_cfg.normalizer == "ema"), normalizer, state.normalizer),
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
+      normalizer=jnp.where(apply & (loss_cfg.normalizer == "ema"), normalizer, state.normalizer),
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step),
+      divergence=divergence)
   metrics = {
       "loss": loss,
       "cls_loss": jax.lax.pmean(out.cls_loss, DATA_AXIS),
@@ -110,6 +169,7 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
       "normalizer": normalizer,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
+      "diverging": above.astype(jnp.float32),  # 1: above the divergence threshold
   }
   return new_state, metrics
 

@@ -22,9 +22,14 @@ from typing import Any
 
 import ml_collections
 
+from retinanet_jax import errors
 
-class ConfigError(ValueError):
-  """Invalid config values. `problems` lists each one; the message holds them all."""
+
+class ConfigError(errors.KnownError, ValueError):
+  """Invalid config values. `problems` lists each one; the message holds them all. Scripts exit with
+  `errors.USAGE` (2)."""
+
+  exit_code = errors.USAGE
 
   def __init__(self, problems: list[str]):
     self.problems = list(problems)

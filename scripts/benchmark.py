@@ -3,6 +3,7 @@
     python scripts/benchmark.py --suite=all --write --profile  # every suite; table into docs/benchmarks.md
     python scripts/benchmark.py --suite=train                  # one suite: core, model, train, input
     python scripts/benchmark.py --suite=accelerator --write    # on a GPU/TPU host: bfloat16 rows
+    python scripts/benchmark.py --suite=deploy --write         # exported forms (needs onnx, jax2onnx)
     python scripts/benchmark.py --suite=all --quick            # smoke test: tiny shapes, 1 repeat, -O0
     python scripts/benchmark.py --suite=train --xla_flags=     # XLA's own defaults instead of ours
 
@@ -15,6 +16,8 @@ a module of `benchmarks/`, whose docstring says what it measures:
   input        the training input pipeline against torchvision's transforms, per core (input_pipeline.py).
   accelerator  bfloat16 training and inference on a GPU/TPU, torchvision with AMP (accelerator.py);
                'all' includes it in --quick only.
+  deploy       latency of the exported StableHLO, SavedModel and ONNX forms and the in-process model,
+               batch 1 at 512x512 and 800x1333, one round-robin (deploy.py); not part of 'all'.
   dense        thousands of boxes: matching at 100/500/2,000 boxes (time, peak memory), NMS at
                D = 100/300/1,000, the 640 training step at 1,000 vs 100 boxes (dense.py; not in 'all').
   eval         COCO evaluation: eval.backend='faster_coco_eval' against pycocotools (evaluation.py;

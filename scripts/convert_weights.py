@@ -25,7 +25,7 @@ import os
 
 from absl import app, flags
 
-from retinanet_jax import weights
+from retinanet_jax import errors, weights
 from retinanet_jax.models import resnet
 
 FLAGS = flags.FLAGS
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)  # expected failures: one paragraph and an exit code (README)

@@ -20,13 +20,21 @@ in a run either way.
 
 Nothing is ever overwritten: if one of the files to write already exists (an input image, or the output
 of an earlier run in the same --output), the command stops before running the model and names them.
-Library and backend INFO logging (Orbax, JAX's platform probe, TensorFlow) is off unless --verbose.
+Library and backend INFO logging (Orbax, JAX's platform probe, TensorFlow) is off unless --verbose
+(retinanet_jax/console.py). Expected failures end with one paragraph and an exit code (README, "Exit
+codes"): a file to write exists (6), a missing or damaged checkpoint (4).
 """
 
 import json
 import os
 
-from absl import app, flags
+from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+
+console.quiet_native_logs()
+
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights (scripts/convert_weights.py), a training "
@@ -158,24 +166,10 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   return results
 
 
-def quiet_libraries() -> None:
-  """Only warnings and errors from absl logging (Orbax), Python logging, TensorFlow's C++ and JAX."""
-  import logging  # pylint: disable=import-outside-toplevel
-
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger().setLevel(logging.WARNING)
-  for name in ("jax", "jax._src.xla_bridge", "orbax", "absl"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one image file")
-  if not FLAGS.verbose:
-    quiet_libraries()
+  console.setup(verbose=FLAGS.verbose)
   sizes = dict(min_size=FLAGS.min_size, max_size=FLAGS.max_size, size_divisible=FLAGS.size_divisible)
   from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
   geometry = checkpoints.locate(FLAGS.checkpoint).description.geometry
@@ -183,14 +177,11 @@ def main(argv):
     defaults = dict(min_size=geometry.min_size, max_size=geometry.max_size,
                     size_divisible=geometry.pad_multiple)
     sizes = {k: v if FLAGS[k].present else defaults[k] for k, v in sizes.items()}
-  try:
-    detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
-                 score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
-                 draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype,
-                 count_threshold=FLAGS.count_threshold)
-  except FileExistsError as e:
-    raise app.UsageError(str(e)) from None
+  detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
+               score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
+               draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype,
+               count_threshold=FLAGS.count_threshold)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -4,23 +4,32 @@
         --image_size=800,1344
     python scripts/export.py --checkpoint=runs/r50 --format=savedmodel --output=export/r50_tf \
         --image_size=512,512 --batch_size=1
+    python scripts/export.py --checkpoint=runs/r50 --format=onnx --output=export/r50_onnx \
+        --image_size=512,512 --batch_size=1
 
 The artifact takes uint8 images `[B, H, W, 3]` (each image at the top-left of the H x W canvas) and
 their valid sizes int32 `[B, 2]`, and returns boxes `[B, D, 4]` in the canvas' pixels, scores, class
 indices and a validity mask (retinanet_jax/export.py). `signature.json`, `description.json` and
 `labels.json` are written next to it. --output must be new or empty: nothing is overwritten.
---batch_size: 'dynamic' (StableHLO's default: any batch) or N (a SavedModel needs N; default 1).
+--batch_size: 'dynamic' (StableHLO's default: any batch) or N (SavedModel and ONNX need N; default 1).
+ONNX needs jax2onnx and onnx (README "Deploy"); its NMS is ONNX's NonMaxSuppression op.
 """
 
-from absl import app, flags
+from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+
+console.quiet_native_logs()
+
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights, a training workdir or one step's folder.")
-flags.DEFINE_enum("format", None, ["stablehlo", "savedmodel"], "Artifact format.")
+flags.DEFINE_enum("format", None, ["stablehlo", "savedmodel", "onnx"], "Artifact format.")
 flags.DEFINE_string("output", None, "New or empty directory to write.")
 flags.DEFINE_list("image_size", ["800", "1344"], "H,W of the input canvas (fixed in the artifact).")
 flags.DEFINE_string("batch_size", None, "N or 'dynamic' (default: dynamic for stablehlo, 1 for "
-                    "savedmodel).")
+                    "savedmodel and onnx).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype of the network "
                   "(decoding and NMS stay float32).")
 flags.DEFINE_float("score_threshold", 0.05, "Keep detections scoring above this.")
@@ -44,9 +53,7 @@ def parse_batch_size(value, fmt: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.verbose:
-    from absl import logging  # pylint: disable=import-outside-toplevel
-    logging.set_verbosity(logging.WARNING)
+  console.setup(verbose=FLAGS.verbose)
   if len(FLAGS.image_size) != 2 or not all(s.isdigit() for s in FLAGS.image_size):
     raise app.UsageError(f"--image_size must be H,W, got {','.join(FLAGS.image_size)}")
   from retinanet_jax import checkpoints, export  # pylint: disable=import-outside-toplevel
@@ -57,12 +64,15 @@ def main(argv):
                              score_threshold=FLAGS.score_threshold,
                              topk_candidates=FLAGS.topk_candidates,
                              nms_threshold=FLAGS.nms_threshold, max_detections=FLAGS.max_detections)
+    export.check_request(FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
     loaded = checkpoints.load_model(FLAGS.checkpoint, dtype=FLAGS.dtype)
     export.export_model(loaded, FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
-  except (ValueError, FileExistsError) as e:
+  except (ValueError, FileExistsError, ImportError) as e:
+    if errors.exit_code_of(e) is not None:  # a checkpoint (4) or an existing output (6)
+      raise
     raise app.UsageError(str(e)) from None
   print(f"wrote {FLAGS.output} ({FLAGS.format}, input uint8 {spec.signature()['inputs']['images']['shape']})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -26,10 +26,12 @@ with (boxes beyond the cap are left out of training, and counted).
 Every annotation file and image is validated first, in one pass, and every problem is printed,
 grouped by kind with its count and first --max_listed ids (all of them in the report file). Fatal
 problems (malformed JSON, JSON that is not COCO, missing required fields, duplicate ids or file
-names) stop the run after the report, with exit status 1 and no dataset written; skippable ones (bad
+names) stop the run after the report, with exit status 3 and no dataset written; skippable ones (bad
 images, bad boxes, unknown ids, ...) are left out and counted (`--strict`: fatal too). `--dry_run`
 validates and reports without writing a dataset. A dry or stopped run writes its report to --report
-(default ./prepare_report.json), never replacing a file that is not an earlier report.
+(default ./prepare_report.json), never replacing a file that is not an earlier report (exit status
+6 if asked to). Exit statuses: README, "Exit codes" (retinanet_jax/errors.py). TFDS's log lines are
+shown with --verbose only; its progress bars become one updating line on a terminal.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ import sys
 import time
 
 
-import numpy as np
-from absl import app, flags
+from retinanet_jax import console  # (imports no JAX, no TensorFlow)
 
-from retinanet_jax.data import (annotation_readers, coco_format, coco_validation,
-                                config as config_lib, sources, synthetic)
+console.quiet_native_logs()
+
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.data import (  # noqa: E402  pylint: disable=wrong-import-position
+    annotation_readers, coco_format, coco_validation, config as config_lib, sources, synthetic)
 
 _ANNOTATIONS = flags.DEFINE_multi_string(
     "annotations", [], "COCO-format JSON: PATH (split 'train') or SPLIT=PATH, repeatable.")
@@ -72,6 +79,7 @@ _MAX_LISTED = flags.DEFINE_integer("max_listed", 10, "Problems printed per kind 
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Build the built-in synthetic dataset.")
 _SYNTHETIC_KNOBS = flags.DEFINE_multi_string(
     "synthetic_knob", [], "FIELD=VALUE override of SyntheticConfig, repeatable.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show TFDS's log lines and progress bars.")
 
 
 def _by_split(values: list[str], flag: str) -> dict[str, str]:
@@ -165,8 +173,9 @@ def _build_custom() -> bool:
       return False
     print(f"dry run: no dataset written; report in {path}")
     return True
-  builder = coco_format.write_tfds_dataset(_NAME.value, validation, splits,
-                                           data_dir=_DATA_DIR.value)
+  with console.library_stdout():
+    builder = coco_format.write_tfds_dataset(_NAME.value, validation, splits,
+                                             data_dir=_DATA_DIR.value)
   print(report.summary(max_listed=_MAX_LISTED.value))
   if _REPORT.value:
     coco_validation.write_report(report, _REPORT.value)
@@ -187,7 +196,8 @@ def _build_synthetic() -> None:
     parsed = ast.literal_eval(value)
     c.synthetic[field] = parsed
   start = time.perf_counter()
-  name = sources.ensure_synthetic_dataset(c)
+  with console.library_stdout():
+    name = sources.ensure_synthetic_dataset(c)
   print(f"synthetic dataset {name} ready in {time.perf_counter() - start:.1f}s "
         f"({synthetic.SyntheticConfig.from_config(c.synthetic)})")
 
@@ -195,15 +205,13 @@ def _build_synthetic() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    if _SYNTHETIC.value:
-      _build_synthetic()
-    elif not _build_custom():
-      sys.exit(1)
-  except (coco_format.CocoFormatError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  console.setup(verbose=_VERBOSE.value)
+  # CocoFormatError: exit status 3; FileExistsError: 6 (errors.run prints the paragraph).
+  if _SYNTHETIC.value:
+    _build_synthetic()
+  elif not _build_custom():
+    sys.exit(errors.DATA)  # the fatal problems are printed above
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

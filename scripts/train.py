@@ -10,15 +10,24 @@ environment, and is called whenever that environment is detected. On Cloud TPU p
 `--distributed` (the TPU metadata tells JAX the rest). Without an accelerator, processes talk through
 gloo CPU collectives. docs/multihost.md has the recipes and explains how resume works.
 
-Killed runs: rerun the same command; it continues from the last complete checkpoint in --workdir.
+Killed runs: rerun the same command; it continues from the last complete checkpoint in --workdir
+(a damaged one is set aside: `train.on_damaged_checkpoint`).
+
+The console shows this project's lines only; the libraries' log lines go to WORKDIR/log.txt
+(`--verbose`: on the console too; retinanet_jax/console.py). Expected failures end with one paragraph
+and an exit code (README, "Exit codes"; retinanet_jax/errors.py), unexpected ones with a traceback.
 """
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from retinanet_jax import console  # (imports no JAX, no TensorFlow)
 
-from retinanet_jax import xla_flags  # (imports no JAX)
+console.quiet_native_logs()  # before the config file's imports start TensorFlow
+
+from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import-position
+from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from retinanet_jax import errors, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -30,6 +39,8 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process ru
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (TPU pod slices, SLURM, "
                   "Open MPI: it reads the environment). Default: when --coordinator_address is "
                   "given or a SLURM/Open MPI/TPU-pod environment is detected.")
+flags.DEFINE_bool("verbose", False, "Show the libraries' log lines (Orbax, TFDS, JAX, TensorFlow) on "
+                  "the console too; they always go to WORKDIR/log.txt.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,17 +81,19 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(verbose=FLAGS.verbose)
   runtime = FLAGS.config.runtime
   xla_flags.apply_xla_flags(runtime.xla_flags_cpu)  # before JAX starts; a flag in $XLA_FLAGS wins
   from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  try:  # every problem of the config at once, before anything is compiled
-    config = config_lib.Config.from_config_dict(FLAGS.config)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Every problem of the config at once, before anything is compiled (a ConfigError: exit code 2).
+  config = config_lib.Config.from_config_dict(FLAGS.config)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")  # tf.data only: keep TensorFlow off the accelerators
   initialize_distributed()
+  import jax  # pylint: disable=import-outside-toplevel
+  index = jax.process_index()
+  console.setup(verbose=FLAGS.verbose, log_path=os.path.join(
+      FLAGS.workdir, "log.txt" if index == 0 else f"log_process_{index}.txt"))
   cache_dir = xla_flags.compilation_cache_dir(config.runtime.compilation_cache_dir,
                                             workdir=FLAGS.workdir)
   if cache_dir:
@@ -93,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

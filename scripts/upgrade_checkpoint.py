@@ -12,6 +12,8 @@ The old run is only read.
 from absl import app, flags
 from ml_collections import config_flags
 
+from retinanet_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's training config (configs/*.py[:variant] "
                                 "with the same overrides).", lock_config=True)
@@ -29,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)  # expected failures: one paragraph and an exit code (README)

@@ -167,3 +167,69 @@ def test_sardet_recipe():
   # 1x: 12 epochs of 94,493 images at batch 16, drops after epochs 8 and 11, 500 warm-up steps.
   assert (c.train.steps, c.train.decay_steps, c.train.warmup_steps) == (70_870, (47_247, 64_964),
                                                                         500)
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived fields follow their sources after overrides (config.derive_fields)
+
+
+def test_synthetic_image_size_alone_gives_consistent_sizes():
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.data import config as data_config  # pylint: disable=import-outside-toplevel
+
+  # The formula the boundary uses is the one synthetic_data_config() applied at the native size.
+  native = data_config.synthetic_data_config()
+  assert {k: (tuple(native[k]) if k == "train_min_size_range" else native[k])
+          for k in config_lib.synthetic_sizes(0)} == config_lib.synthetic_sizes(
+              native.synthetic.image_size)
+  c = synthetic.get_config()
+  c.data.synthetic.image_size = 64  # as --config.data.synthetic.image_size=64 does
+  d = config_lib.Config.from_config_dict(c).data
+  assert d.synthetic.image_size == 64
+  assert (d.train_min_size_range, d.eval_min_size, d.max_size, d.image_size, d.pad_multiple) == (
+      (64, 64), 64, 64, 64, 32)
+  assert transforms.padded_hw(transforms.TransformConfig.from_data_config(d)) == (64, 64)
+  assert c.data.eval_min_size == 128  # the ConfigDict itself is left as it was
+  # Sizes the user chose (another input size than the native one) are kept.
+  c.data.eval_min_size = c.data.max_size = 96
+  d = config_lib.Config.from_config_dict(c).data
+  assert (d.eval_min_size, d.max_size, d.train_min_size_range) == (96, 96, (128, 128))
+  # Non-synthetic data: nothing is derived.
+  coco = importlib.import_module("configs.r50_fpn").get_config()
+  assert config_lib.Config.from_config_dict(coco).data.eval_min_size == 800
+
+
+def test_smoke_composes_with_fewer_validation_images_and_a_slice_too_long_is_named():
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+
+  c = synthetic.get_config("smoke")
+  c.data.synthetic.num_validation = 8  # the smoke variant evaluates its whole validation split
+  assert config_lib.Config.from_config_dict(c).data.eval_split == "validation"
+  c.data.eval_split = "validation[:16]"
+  c.data.train_split = "train[:100]"
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.Config.from_config_dict(c)
+  assert error.value.problems == [
+      "data.train_split: 'train[:100]' reaches image 100 but the synthetic 'train' split has "
+      "data.synthetic.num_train=64 images; use train[:64] or less, or 'train'",
+      "data.eval_split: 'validation[:16]' reaches image 16 but the synthetic 'validation' split "
+      "has data.synthetic.num_validation=8 images; use validation[:8] or less, or 'validation'"]
+
+
+def test_dense_scene_fields_are_checked_at_the_boundary():
+  c = config_lib.default_config()
+  typed = config_lib.Config.from_config_dict(c)
+  assert typed.eval.count_score_threshold is None and typed.eval.nms_mode == "tiled"
+  c.eval.count_score_threshold = 0.4
+  assert config_lib.Config.from_config_dict(c).eval.count_score_threshold == 0.4
+  c.eval.count_score_threshold = 1.5
+  c.runtime.matching_block_size = -1
+  with pytest.raises(config_lib.ConfigError) as raised:
+    config_lib.Config.from_config_dict(c)
+  assert "count_score_threshold must be in [0, 1]" in str(raised.value)
+  assert "runtime: matching_block_size must be >= 0" in str(raised.value)  # both in one pass
+  c.eval.count_score_threshold = None
+  c.runtime.matching_block_size = 0
+  c.eval.nms_mode = "fast"
+  with pytest.raises(config_lib.ConfigError, match=r"nms_mode.*'fast'.*'tiled'"):
+    config_lib.Config.from_config_dict(c)

@@ -1,7 +1,9 @@
-"""retinanet_jax/export.py and scripts/export.py: each artifact, reloaded in a fresh process that
-imports no retinanet_jax code (tests/helpers/run_exported.py), gives the in-process model's detections
-(`models.retinanet.detect`) on real photos (scikit-image's bundled images) within 1e-3 px and 1e-5 in
-score; wrong dtype, rank or size of input is an error naming the expected signature."""
+"""retinanet_jax/export.py, export_onnx.py and scripts/export.py: each artifact, reloaded in a fresh
+process that imports no retinanet_jax code (tests/helpers/run_exported.py), gives the in-process
+model's detections (`models.retinanet.detect`) on real photos (scikit-image's bundled images) within
+1e-3 px and 1e-5 in score (ONNX, whose NMS is onnxruntime's: the same detections as a set, module
+docstring of export_onnx.py); wrong dtype, rank or size of input is an error naming the expected
+signature."""
 
 import json
 import os
@@ -22,6 +24,7 @@ from retinanet_jax.models import preprocessing, retinanet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "helpers", "run_exported.py")
+EXPORT_SCRIPT = os.path.join(REPO, "scripts", "export.py")
 CANVAS = (192, 256)
 NAMES = ("cat", "dog", "cup", "mug", "person")
 
@@ -57,6 +60,12 @@ def photos():
   return canvas, image_hw
 
 
+@pytest.fixture(scope="module")
+def reference(model_dir):
+  """The in-process float32 model's detections of `photos()`, `max_detections=50`."""
+  return in_process(model_dir, *photos(), max_detections=50)
+
+
 def in_process(path, images, image_hw, *, max_detections, dtype="float32"):
   loaded = checkpoints.load_model(path, dtype=dtype)
   d = retinanet.detect(loaded.module(), images, image_hw, np.ones((len(images), 2), np.float32),
@@ -87,7 +96,30 @@ def assert_same_detections(ours, reference, *, box_tol=1e-3, score_tol=1e-5):
   assert (ours["classes"][~ours["valid"]] == -1).all()  # padding rows are marked
 
 
-def test_stablehlo_with_symbolic_batch_in_a_fresh_process(model_dir, tmp_path):
+def assert_same_detection_sets(ours, reference, *, box_tol=1e-3, score_tol=1e-5):
+  """Per image: as many valid rows, first; scores descending; each reference detection matched one
+  to one by a detection of the same class with box within `box_tol` and score within `score_tol`
+  (rows whose scores differ by less than float32 noise may come in another order)."""
+  np.testing.assert_array_equal(ours["valid"].sum(axis=1), reference["valid"].sum(axis=1))
+  assert reference["valid"].sum(axis=1).min() > 20  # a real test: many detections in every photo
+  same_order = 0
+  for b, count in enumerate(reference["valid"].sum(axis=1)):
+    assert ours["valid"][b, :count].all() and (ours["classes"][b, count:] == -1).all()
+    boxes, scores, classes = (ours[k][b, :count] for k in ("boxes", "scores", "classes"))
+    assert (np.diff(scores) <= 0).all()
+    used = np.zeros(count, bool)
+    for row in range(count):
+      box, score, cls = (reference[k][b, row] for k in ("boxes", "scores", "classes"))
+      match = (~used & (classes == cls) & (np.abs(boxes - box).max(axis=1) <= box_tol)
+               & (np.abs(scores - score) <= score_tol))
+      assert match.any(), f"image {b}: reference row {row} ({cls}, {box}, {score}) has no match"
+      used[np.argmax(match)] = True
+      same_order += int(np.argmax(match) == row)
+  print("valid detections per image:", reference["valid"].sum(axis=1), "rows in the same order:",
+        same_order)
+
+
+def test_stablehlo_with_symbolic_batch_in_a_fresh_process(model_dir, reference, tmp_path):
   images, image_hw = photos()
   out = tmp_path / "hlo"
   spec = export.ExportSpec(image_size=CANVAS, max_detections=50)
@@ -104,8 +136,7 @@ def test_stablehlo_with_symbolic_batch_in_a_fresh_process(model_dir, tmp_path):
 
   ours = run_fresh("stablehlo", out, images[:2], image_hw[:2], tmp_path)  # any batch: 2 here
   assert json.loads(str(ours["project_modules"])) == []
-  reference = {k: v[:2] for k, v in in_process(model_dir, images, image_hw, max_detections=50).items()}
-  assert_same_detections(ours, reference)
+  assert_same_detections(ours, {k: v[:2] for k, v in reference.items()})
   assert str(ours["error_dtype"]) == "Dtype mismatch for args[0]: expected uint8 and called with float32"
   assert "Rank mismatch for args[0]: expected (b, 192, 256, 3)" in str(ours["error_rank"])
   assert "expected (b, 192, 256, 3) and called with (2, 191, 256, 3)" in str(ours["error_size"])
@@ -113,7 +144,7 @@ def test_stablehlo_with_symbolic_batch_in_a_fresh_process(model_dir, tmp_path):
     export.export_model(checkpoints.load_model(model_dir), str(out), fmt="stablehlo", spec=spec)
 
 
-def test_savedmodel_in_a_fresh_tensorflow_process(model_dir, tmp_path):
+def test_savedmodel_in_a_fresh_tensorflow_process(model_dir, reference, tmp_path):
   images, image_hw = photos()
   out = tmp_path / "tf"
   loaded = checkpoints.load_model(model_dir)
@@ -125,7 +156,7 @@ def test_savedmodel_in_a_fresh_tensorflow_process(model_dir, tmp_path):
 
   ours = run_fresh("savedmodel", out, images, image_hw, tmp_path)
   assert json.loads(str(ours["project_modules"])) == []
-  assert_same_detections(ours, in_process(model_dir, images, image_hw, max_detections=50))
+  assert_same_detections(ours, reference)
   assert "expected to be a uint8 tensor but is a float tensor" in str(ours["error_dtype"])
   for case in ("rank", "size"):
     assert "is not compatible with expected shape [3,192,256,3]" in str(ours[f"error_{case}"])
@@ -142,3 +173,39 @@ def test_bfloat16_stablehlo_matches_the_in_process_bfloat16_model(model_dir):
   ours = {k: np.asarray(v) for k, v in exported.call(images, image_hw).items()}
   assert_same_detections(ours, in_process(model_dir, images, image_hw, max_detections=50,
                                           dtype="bfloat16"))
+
+
+def test_onnx_from_the_command_in_a_fresh_onnxruntime_process(model_dir, reference, tmp_path):
+  """scripts/export.py --format=onnx (jax2onnx network and candidates, ONNX NonMaxSuppression), run
+  by onnxruntime alone."""
+  images, image_hw = photos()
+  out = tmp_path / "onnx"
+  loaded = checkpoints.load_model(model_dir)
+  with pytest.raises(ValueError, match="an ONNX model needs a fixed batch size"):
+    export.export_model(loaded, str(out), fmt="onnx", spec=export.ExportSpec(image_size=CANVAS))
+  with pytest.raises(ValueError, match="the ONNX export is float32 only"):
+    export.export_model(loaded, str(out), fmt="onnx", dtype="bfloat16",
+                        spec=export.ExportSpec(image_size=CANVAS, batch_size=3))
+  assert not out.exists()  # refused before anything is written
+  done = subprocess.run([sys.executable, EXPORT_SCRIPT, f"--checkpoint={model_dir}", "--format=onnx",
+                         f"--output={out}", "--image_size=192,256", "--batch_size=3",
+                         "--max_detections=50"], capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == f"wrote {out} (onnx, input uint8 [3, 192, 256, 3])"
+  assert sorted(os.listdir(out)) == ["description.json", "labels.json", "model.onnx",
+                                     "signature.json"]
+  with open(out / "signature.json") as f:
+    signature = json.load(f)
+  assert (signature["format"], signature["inputs"]["image_hw"]) == (
+      "onnx", {"dtype": "int32", "shape": [3, 2]})
+  assert signature["nms"].startswith("ONNX NonMaxSuppression")
+
+  ours = run_fresh("onnx", out, images, image_hw, tmp_path)
+  assert json.loads(str(ours["project_modules"])) == []
+  assert_same_detection_sets(ours, reference)
+  assert str(ours["error_dtype"]).endswith(
+      "Unexpected input data type. Actual: (tensor(float)) , expected: (tensor(uint8))")
+  assert "Invalid rank for input: images Got: 3 Expected: 4" in str(ours["error_rank"])
+  assert ("Got invalid dimensions for input: images for the following indices\n index: 1 Got: 191 "
+          "Expected: 192") in str(ours["error_size"])

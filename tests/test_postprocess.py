@@ -134,6 +134,30 @@ def test_bad_input_raises():
                                        anchors=anchor_set, image_hw=jnp.array([64, 64]))
 
 
+def test_detection_candidates_then_nms_is_postprocess_detections():
+  """The candidates the ONNX export hands to ONNX's NMS (`detection_candidates`), put through
+  `class_wise_nms`, give `postprocess_detections`' detections; non-candidates are -inf."""
+  anchor_set = anchor_lib.generate_anchors((200, 264))
+  logits, deltas = random_heads(4, 2, anchor_set.num_anchors, 5)
+  image_hw = np.array([[200, 264], [150, 230]], np.int32)
+  boxes, scores, classes = jax.jit(functools.partial(postprocess.detection_candidates,
+                                                     anchors=anchor_set))(logits, deltas,
+                                                                          image_hw=image_hw)
+  assert boxes.shape[:2] == scores.shape == classes.shape and classes.dtype == jnp.int32
+  assert 0 < int(jnp.isfinite(scores).sum()) < scores.size and bool(jnp.all(
+      jnp.where(jnp.isfinite(scores), scores > 0.05, scores == -jnp.inf)))
+  reference = jax.jit(functools.partial(postprocess.postprocess_detections, anchors=anchor_set))(
+      logits, deltas, image_hw=image_hw)
+  for i in range(2):
+    index, valid = jax.jit(functools.partial(postprocess.class_wise_nms, iou_threshold=0.5,
+                                             max_detections=100))(boxes[i], scores[i], classes[i])
+    np.testing.assert_array_equal(valid, reference.valid[i])
+    np.testing.assert_array_equal(np.asarray(boxes[i])[np.asarray(index)][np.asarray(valid)],
+                                  np.asarray(reference.boxes[i])[np.asarray(valid)])
+    np.testing.assert_array_equal(np.asarray(classes[i])[np.asarray(index)][np.asarray(valid)],
+                                  np.asarray(reference.classes[i])[np.asarray(valid)])
+
+
 # --- Tiled NMS: the rounds NMS (the reference) and torchvision's batched_nms, on adversarial sets. ---
 
 @functools.lru_cache(maxsize=None)

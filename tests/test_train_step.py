@@ -140,3 +140,99 @@ def test_donate_state(mode, donated):
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
                                                         jax.tree.leaves(expected))]
   assert sum(changed) > len(changed) // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The divergence guard
+
+
+def _guard_steps(losses, *, window, factor, patience):
+  """Runs `train_step.divergence_update` under jit over `losses` (steps 1, 2, ...); returns the
+  `above` flags and the final guard state as NumPy."""
+  update = jax.jit(functools.partial(train_step.divergence_update, factor=factor,
+                                     patience=patience))
+  guard = train_state.initial_divergence_state(window)
+  flags = []
+  for step, loss in enumerate(losses, 1):
+    guard, above = update(guard, jnp.float32(loss), jnp.int32(step))
+    flags.append(bool(above))
+  return flags, jax.tree.map(np.asarray, guard)
+
+
+def _reference_guard(losses, *, window, factor, patience):
+  """The guard's definition in NumPy float64: above = loss > factor * median of the previous
+  `window` finite losses; a divergence = `patience` steps above in a row."""
+  recent, flags, streak, start, episodes, diverged_at = [], [], 0, -1, 0, -1
+  for step, loss in enumerate(losses, 1):
+    if not np.isfinite(loss):
+      flags.append(False)
+      continue
+    above = bool(recent) and loss > factor * np.median(np.float64(recent[-window:]))
+    if above:
+      start = step if streak == 0 else start
+      streak += 1
+      if streak == patience:
+        episodes, diverged_at = episodes + 1, start
+    else:
+      streak = 0
+    flags.append(above)
+    recent.append(loss)
+  return flags, episodes, diverged_at
+
+
+def test_divergence_guard_golden():
+  # Median of the previous losses: step 4 (30 > 10 x 1.5), step 5 (40 > 10 x 1.75), step 6 (60 >
+  # 10 x 2.0): three in a row, a divergence from step 4. Step 7 is NaN (ignored), step 8 is back.
+  losses = [2.0, 1.0, 1.5, 30.0, 40.0, 60.0, float("nan"), 1.0]
+  flags, guard = _guard_steps(losses, window=8, factor=10.0, patience=3)
+  assert flags == [False, False, False, True, True, True, False, False]
+  assert int(guard["episodes"]) == 1 and int(guard["diverged_at"]) == 4
+  assert float(guard["diverged_loss"]) == 30.0 and float(guard["diverged_median"]) == 1.5
+  assert int(guard["steps_above"]) == 3 and int(guard["streak"]) == 0
+  assert int(guard["seen"]) == 7  # the NaN never entered the ring
+  # Two steps above, then one below, then one above: no divergence with patience 3.
+  flags, guard = _guard_steps([1.0, 1.0, 1.0, 50.0, 60.0, 1.0, 70.0], window=8, factor=10.0,
+                              patience=3)
+  assert flags == [False, False, False, True, True, False, True]
+  assert int(guard["episodes"]) == 0 and int(guard["diverged_at"]) == -1
+  # The first step has nothing to compare with, however large.
+  flags, _ = _guard_steps([1e9, 1.0], window=4, factor=10.0, patience=1)
+  assert flags == [False, False]
+
+
+def test_divergence_guard_matches_its_numpy_definition():
+  rng = np.random.default_rng(0)
+  losses = np.exp(rng.normal(0.0, 0.3, 120))
+  for start in (20, 50, 51, 52, 90, 91, 92, 93, 94):  # isolated spikes and streaks
+    losses[start] *= 10.0 ** rng.uniform(1.5, 4)
+  losses[30] = np.inf
+  for window, factor, patience in ((5, 10.0, 3), (16, 20.0, 2), (50, 10.0, 1)):
+    flags, guard = _guard_steps(losses, window=window, factor=factor, patience=patience)
+    ref_flags, episodes, diverged_at = _reference_guard(list(losses), window=window,
+                                                        factor=factor, patience=patience)
+    assert flags == ref_flags
+    assert (int(guard["episodes"]), int(guard["diverged_at"])) == (episodes, diverged_at)
+    assert int(guard["steps_above"]) == sum(ref_flags) > 0
+
+
+def test_skip_applies_no_update_above_the_threshold_with_a_donated_state():
+  config = tiny(synthetic.get_config())
+  config.model.freeze_at, config.model.norm = 5, "group_norm"  # compiles ~3x faster
+  config.train.warmup_steps = 0
+  config.runtime.donate_state = "always"  # every guard leaf must be its own buffer
+  config.train.on_divergence = "skip"
+  config.train.divergence_factor = 1.01  # a loss above ~the median of the previous ones is a spike
+  _, mesh, setup, step = _setup(config, jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  state = setup.state
+  flags = []
+  for _ in range(6):
+    previous = jax.tree.map(lambda x: np.array(x, copy=True), state.params)
+    batch = jax.device_put(random_batch(rng, 2, SIZE), NamedSharding(mesh, P("data")))
+    state, metrics = step(state, batch)
+    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                           jax.tree.leaves(previous)))
+    flags.append(float(metrics["diverging"]) == 1.0)
+    assert changed != flags[-1]  # skipped exactly when above the threshold
+  assert not flags[0] and any(flags) and not all(flags)  # random batches: some losses are higher
+  assert int(state.step) == 6 and int(state.divergence["steps_above"]) == sum(flags)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -169,11 +170,15 @@ def train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: 
   def transform(position, fields):
     example = sources.decode_example(fields, kind)
     return transforms.preprocess(example, config=config, train=True,
-                                 seed=tf.stack([tf.constant(seed, tf.int64), position]))
+                                 seed=tf.stack([tf.constant(seed, tf.int64), position]),
+                                 image_padding=transforms.ImagePadding.VALID)
 
   ds = ds.map(transform, num_parallel_calls=_num_parallel_calls(data_config),
               deterministic=bool(options.deterministic))
-  ds = ds.batch(len(rows), drop_remainder=True)
+  # Images are zero-padded while batching (written once into the batch; see ImagePadding).
+  padded_shapes = {key: spec.shape for key, spec in ds.element_spec.items()}
+  padded_shapes["image"] = tf.TensorShape([*transforms.padded_hw(config), 3])
+  ds = ds.padded_batch(len(rows), padded_shapes=padded_shapes, drop_remainder=True)
   ds = ds.prefetch(int(data_config.prefetch))
   return ds.with_options(options)
 
@@ -243,9 +248,10 @@ class TrainInput:
     """Continues from the position written by `save_state(path)`.
 
     Same process count and global batch: the tf.data iterator is restored (exact with
-    `deterministic=True`). Another process count (a checkpoint moved to a bigger or smaller slice):
-    the stream is rebuilt at the saved position by skipping the examples already taken (they are
-    read, not decoded). With `global_shuffle` this continues exactly as the saved run would have;
+    `deterministic=True`). Another process count (a checkpoint moved to a bigger or smaller slice),
+    or an iterator state written by a different tf.data pipeline (an older version of this module;
+    logged as a warning): the stream is rebuilt at the saved position by skipping the examples
+    already taken (they are read, not decoded). With `global_shuffle` this continues exactly as the saved run would have;
     without it the hosts' parts of the split differ and only the count of examples is kept. The
     counters of all saved hosts are then added up on process 0.
     """
@@ -254,11 +260,17 @@ class TrainInput:
             and saved["global_batch_size"] == self.global_batch_size
             and saved["global_shuffle"] == self.global_shuffle)
     if same:
-      tf.train.Checkpoint(iterator=self._iterator).read(
-          self._prefix(path, self.process_index)).assert_consumed()
-      self.stats = InputStats(**saved["stats"])
-      self.batches = saved["batches"]
-      return
+      try:
+        tf.train.Checkpoint(iterator=self._iterator).read(
+            self._prefix(path, self.process_index)).assert_consumed()
+      except tf.errors.NotFoundError as e:  # another pipeline definition (e.g. an older version)
+        logging.warning("input state in %s was written by a different tf.data pipeline "
+                        "(%s); continuing at its position by skipping the %d examples taken",
+                        path, str(e).split(".")[0], saved["batches"] * saved["global_batch_size"])
+      else:
+        self.stats = InputStats(**saved["stats"])
+        self.batches = saved["batches"]
+        return
     if saved["global_shuffle"] != self.global_shuffle:
       raise ValueError(f"the input state in {path} was written with data.global_shuffle="
                        f"{saved['global_shuffle']}; this run has {self.global_shuffle}")

@@ -43,7 +43,6 @@ DEFAULT_MAX_DETS = (1, 10, 100)
 # 'faster_coco_eval' is the optional package `faster-coco-eval` (C++ evaluateImg and accumulate).
 BACKENDS = ("pycocotools", "faster_coco_eval")
 FASTER_COCO_EVAL_PIP = "pip install 'faster-coco-eval==1.8.0'"
-_AREAS = ("all", "small", "medium", "large")  # pycocotools' areaRngLbl, in its order
 
 
 def check_max_dets(max_dets: Sequence[int]) -> tuple[int, ...]:

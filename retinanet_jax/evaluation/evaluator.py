@@ -94,19 +94,21 @@ class Evaluator:
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
-               mesh) -> Evaluator:
+               mesh, step_fn=None) -> Evaluator:
     """The evaluator of `data_config.eval_split` for a model with `description`
     (`model_description.ModelDescription`: anchors, input convention, label map) and `graphdef`
-    (evaluation mode)."""
+    (evaluation mode). `step_fn`: the compiled step of another evaluator of the same model,
+    geometry and settings (multi-domain evaluation), reused instead of compiling a new one."""
     from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
 
     eval_input = data_lib.make_eval_input(data_config, global_batch_size=eval_config.batch_size,
                                           mesh=mesh)
     image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(data_config))
     anchor_set = anchor_lib.generate_anchors(image_hw, config=description.anchors)
-    step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
-                                input_convention=description.input_convention,
-                                eval_config=eval_config, mesh=mesh)
+    if step_fn is None:
+      step_fn = compile_eval_step(graphdef, anchor_set=anchor_set,
+                                  input_convention=description.input_convention,
+                                  eval_config=eval_config, mesh=mesh)
     ground_truth = data_lib.coco_ground_truth(data_config)
     if eval_config.metric == "miss_rate":  # a category that is not there fails before training
       miss_rate.evaluated_category(ground_truth["categories"], eval_config.miss_rate_category)
@@ -114,7 +116,7 @@ class Evaluator:
                label_map=description.label_map, step_fn=step_fn,
                max_dets=tuple(eval_config.max_dets), backend=eval_config.backend,
                metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category,
-               count_threshold=getattr(eval_config, "count_score_threshold", None))
+               count_threshold=eval_config.count_score_threshold)
 
   @property
   def num_images(self) -> int:
@@ -134,8 +136,12 @@ class Evaluator:
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
     """
+    from retinanet_jax import console  # pylint: disable=import-outside-toplevel
+
     detections, evaluated = [], []
-    for batch in self.eval_input:
+    batches = console.progress(self.eval_input, desc=f"Evaluating {self.num_images} images",
+                               total=len(self.eval_input))  # one line, on a terminal only
+    for batch in batches:
       det = self.step_fn(params, rest, batch)
       fields = {k: _to_host(getattr(det, k)) for k in ("boxes", "scores", "classes", "valid")}
       meta = {k: _to_host(batch[k]) for k in ("image_id", "scale", "example_mask")}

@@ -197,12 +197,14 @@ def test_prepare_dataset_script_end_to_end(tmp_path):
   gt = json.loads(coco_format.read_dataset_file(builder, "ground_truth_validation.json"))
   assert len(gt["images"]) == 1
 
-  # Rebuilding the same name is refused; --strict turns the skip into an exit code 1.
+  # Rebuilding the same name is refused; --strict turns the skip into a fatal problem (exit code 3:
+  # a data problem, README "Exit codes").
   again = run(command)
-  assert again.returncode == 1 and "already exists" in again.stderr
+  assert again.returncode == 3 and "already exists" in again.stderr
+  assert "Traceback" not in again.stderr
   strict = run(command[:-6] + ["--name", "cli_strict", "--data_dir", str(tmp_path / "tfds"),
                                "--strict"])
-  assert strict.returncode == 1 and "fatal problems (unknown_category_id)" in strict.stderr
+  assert strict.returncode == 3 and "fatal problems (unknown_category_id)" in strict.stderr
   assert "unknown category id 5" in strict.stdout and "Traceback" not in strict.stderr
 
 

@@ -134,7 +134,7 @@ def _run(tmp_path, *args):
                         text=True, cwd=tmp_path)
 
 
-def test_cli_reports_every_file_and_problem_then_stops_with_status_1(tmp_path):
+def test_cli_reports_every_file_and_problem_then_stops_with_status_3(tmp_path):
   coco = _everything_dataset(tmp_path / "images")
   main = write_coco(tmp_path, coco, "train.json")
   (tmp_path / "validation.json").write_text('{"images": [}')
@@ -142,7 +142,7 @@ def test_cli_reports_every_file_and_problem_then_stops_with_status_1(tmp_path):
   result = _run(tmp_path, "--name", "everything", "--annotations", f"train={main}",
                 "--annotations", f"validation={tmp_path / 'validation.json'}",
                 "--annotations", f"extra={tmp_path / 'extra.json'}")
-  assert result.returncode == 1, result.stderr
+  assert result.returncode == 3, result.stderr  # a data problem (README "Exit codes")
   assert "Traceback" not in result.stderr + result.stdout
   assert "error: stopped by 8 fatal problems" in result.stderr
   report = json.loads((tmp_path / "prepare_report.json").read_text())  # the default path
@@ -161,7 +161,7 @@ def test_cli_dry_run_reports_skips_with_status_0_and_writes_no_dataset(tmp_path)
   (tmp_path / "notes.json").write_text("mine")
   refused = _run(tmp_path, "--name", "skips", "--annotations", str(path), "--dry_run",
                  "--report", str(tmp_path / "notes.json"))
-  assert refused.returncode == 1 and "not replacing it" in refused.stderr
+  assert refused.returncode == 6 and "not replacing it" in refused.stderr  # output exists
   assert (tmp_path / "notes.json").read_text() == "mine"
 
   result = _run(tmp_path, "--name", "skips", "--annotations", str(path), "--dry_run",

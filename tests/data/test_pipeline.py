@@ -1,12 +1,15 @@
 """Per-host reading, evaluation padding, global arrays, determinism and iterator restore."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from retinanet_jax.data import make_eval_input, make_train_input, sources
+from retinanet_jax.data import make_eval_input, make_train_input, pipeline, sources
+from retinanet_jax.data.pipeline import TrainInput
 from data_test_utils import assert_tree_equal
 
 
@@ -177,5 +180,32 @@ def test_restored_iterator_continues_exactly_where_it_was_saved(tiny_synthetic_c
   restarted.next_numpy()  # a fresh iterator elsewhere in the stream
   restarted.restore_state(str(tmp_path / "step3"))
   assert restarted.stats.images == stats_at_save == 24
+  for want in expected:
+    assert_tree_equal(restarted.next_numpy(), want)
+
+
+def test_state_of_another_pipeline_definition_resumes_by_skipping(tiny_synthetic_config, tmp_path,
+                                                                   caplog):
+  """An iterator state that tf.data cannot restore into this pipeline (written by an older version
+  of it: here, batches split and joined again) continues at the saved position, exactly, with a
+  warning."""
+  c = tiny_synthetic_config.copy_and_resolve_references()
+  c.hflip_prob = 0.5
+  rows = np.arange(8)
+  older = TrainInput(lambda start: pipeline.train_dataset(
+      c, global_batch_size=8, rows=rows, process_index=0, process_count=1,
+      start=start).unbatch().batch(8, drop_remainder=True), mesh=None, process_index=0, process_count=1,
+                     global_batch_size=8, global_shuffle=True)
+  for _ in range(3):
+    older.next_numpy()
+  older.save_state(str(tmp_path / "step3"))
+  expected = [older.next_numpy() for _ in range(3)]
+
+  restarted = make_train_input(c, global_batch_size=8, mesh=None, process_index=0,
+                               process_count=1)
+  with caplog.at_level(logging.WARNING):
+    restarted.restore_state(str(tmp_path / "step3"))
+  assert "different tf.data pipeline" in caplog.text and "skipping the 24 examples" in caplog.text
+  assert restarted.batches == 3 and restarted.stats.images == 24
   for want in expected:
     assert_tree_equal(restarted.next_numpy(), want)

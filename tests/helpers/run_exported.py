@@ -1,5 +1,5 @@
-"""Runs an exported detector as a deployment would: jax (StableHLO) or TensorFlow (SavedModel) alone,
-no retinanet_jax code. `python run_exported.py FORMAT ARTIFACT_DIR INPUTS.npz OUTPUTS.npz` writes the
+"""Runs an exported detector as a deployment would: jax (StableHLO), TensorFlow (SavedModel) or
+onnxruntime (ONNX) alone, no retinanet_jax code. `python run_exported.py FORMAT ARTIFACT_DIR INPUTS.npz OUTPUTS.npz` writes the
 four outputs, plus `error_<case>` messages for inputs of a wrong dtype, rank and size."""
 
 import json
@@ -15,6 +15,13 @@ def runner(fmt, directory):
     with open(os.path.join(directory, "model.stablehlo"), "rb") as f:
       exported = jax.export.deserialize(bytearray(f.read()))
     return lambda images, image_hw: {k: np.asarray(v) for k, v in exported.call(images, image_hw).items()}
+  if fmt == "onnx":
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+    session = ort.InferenceSession(os.path.join(directory, "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return lambda images, image_hw: dict(zip(names, session.run(
+        None, {"images": images, "image_hw": image_hw})))
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   serve = tf.saved_model.load(os.path.join(directory, "saved_model")).signatures["serving_default"]
   return lambda images, image_hw: {k: v.numpy() for k, v in serve(
