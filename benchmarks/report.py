@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from benchmarks import accelerator, core, deploy, evaluation, inference, input_pipeline, training
+from benchmarks import accelerator, core, deploy, dense, evaluation, inference, input_pipeline, training
 from benchmarks.timing import (CPU_SUITES, SUITES, Row, Session, bench_machine, flops_rates,
                                update_matmul_rate)
 
@@ -20,13 +20,15 @@ SUITE_CASES = {
     "accelerator": (accelerator.bench_accelerator,),
     "deploy": (deploy.bench_deploy,),
     "eval": (evaluation.bench_coco_eval,),  # not in 'all': it needs faster-coco-eval
+    # not in 'all' (an R50 step at 640 twice, matching at 2,000 boxes): run it on its own
+    "dense": (dense.bench_dense_matching, dense.bench_dense_nms, dense.bench_dense_training),
 }
 
 
 def suite_cases(suite: str, *, quick: bool) -> tuple:
   """The cases of `suite`. 'all' is the four CPU suites, plus the accelerator suite in quick mode (so
-  that the tests run it on the CPU); 'deploy' and 'eval' run on their own (--suite=deploy,
-  --suite=eval). The CPU suites run torchvision on the CPU, so on a GPU or TPU host they would
+  that the tests run it on the CPU); 'deploy', 'eval' and 'dense' run on their own (--suite=deploy,
+  --suite=eval, --suite=dense). The CPU suites run torchvision on the CPU, so on a GPU or TPU host they would
   compare different hardware: there they need JAX_PLATFORMS=cpu, and the device rows
   come from --suite=accelerator."""
   import jax

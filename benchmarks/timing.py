@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Callable
 
-SUITES = ("core", "model", "train", "input", "accelerator", "deploy", "eval", "all")
+SUITES = ("core", "model", "train", "input", "accelerator", "deploy", "eval", "dense", "all")
 CPU_SUITES = ("core", "model", "train", "input")
 
 

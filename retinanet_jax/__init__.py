@@ -20,7 +20,8 @@ from retinanet_jax.losses import (LossOutput, LossSums, giou_loss, huber_loss, l
                                   sigmoid_focal_loss_from_labels, smooth_l1_loss)
 from retinanet_jax.matching import (IGNORE, NEGATIVE, POSITIVE, MatchResult, batch_match_anchors,
                                     classification_targets, match_anchors)
-from retinanet_jax.postprocess import Detections, class_wise_nms, postprocess_detections
+from retinanet_jax.postprocess import (Detections, class_wise_nms, postprocess_detections,
+                                       tiled_class_wise_nms)
 
 __all__ = [
     "AnchorConfig", "AnchorSet", "AnchorTargets", "BoxCoder", "Detections", "IGNORE", "LossOutput",
@@ -29,6 +30,7 @@ __all__ = [
     "classification_targets", "clip_boxes", "cxcywh_to_xyxy", "generate_anchors", "giou_loss",
     "huber_loss", "l1_loss", "label_anchors", "match_anchors", "pairwise_giou", "pairwise_iou",
     "postprocess_detections", "retinanet_loss", "retinanet_losses", "sigmoid_focal_loss",
-    "sigmoid_focal_loss_from_labels", "smooth_l1_loss", "xywh_to_xyxy", "xyxy_to_cxcywh",
+    "sigmoid_focal_loss_from_labels", "smooth_l1_loss", "tiled_class_wise_nms", "xywh_to_xyxy",
+    "xyxy_to_cxcywh",
     "xyxy_to_xywh", "xyxy_to_yxyx_normalized", "yxyx_normalized_to_xyxy",
 ]

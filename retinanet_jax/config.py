@@ -40,6 +40,7 @@ from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import collectives
 from retinanet_jax import losses
 from retinanet_jax import matching
+from retinanet_jax import postprocess
 from retinanet_jax import typed_config
 from retinanet_jax import xla_flags
 from retinanet_jax.data import config as data_config_lib
@@ -213,6 +214,12 @@ class EvalConfig:
       evaluation/miss_rate.py; the ground truth's visibility and ignore fields are read).
     miss_rate_category: metric 'miss_rate': the name of the evaluated category; '' picks the one
       named 'pedestrian' or 'person', or the only one.
+    nms_mode: 'tiled' (sorted candidates in tiles: scales with max_detections) or 'rounds' (one
+      round per kept box); identical detections (postprocess.py). Dense scenes (max_detections in
+      the hundreds or thousands) want 'tiled'.
+    count_score_threshold: counting (evaluation/counting.py): an image's count is its detections
+      scoring at least this; None: chosen on the evaluated split (the lowest count MAE over the
+      grid 0.05..0.95), and reported with the metrics as `count_threshold`.
   """
 
   batch_size: int = 8
@@ -227,6 +234,8 @@ class EvalConfig:
   backend: str = _choice("pycocotools", coco_lib.BACKENDS)
   metric: str = _choice("coco", EVAL_METRICS)
   miss_rate_category: str = ""
+  nms_mode: str = _choice("tiled", postprocess.NMS_MODES)
+  count_score_threshold: Optional[float] = None
 
   def __post_init__(self):
     problems = []
@@ -245,6 +254,9 @@ class EvalConfig:
             f"the numbers at maxDets {self.max_dets[-1]} would be those at {self.max_detections}; "
             f"raise max_detections to >= {self.max_dets[-1]} or end max_dets at <= "
             f"{self.max_detections}")
+    if self.count_score_threshold is not None and not 0 <= self.count_score_threshold <= 1:
+      problems.append(f"count_score_threshold must be in [0, 1] (a score) or None (chosen on the "
+                      f"evaluated split), got {self.count_score_threshold}")
     if (self.backend == "faster_coco_eval"
         and importlib.util.find_spec("faster_coco_eval") is None):
       problems.append(f"backend 'faster_coco_eval' needs the optional package faster-coco-eval, "
@@ -269,6 +281,10 @@ class RuntimeConfig:
       (retinanet_jax/xla_flags.py; a flag already in $XLA_FLAGS wins; '' adds none).
     compilation_cache_dir: JAX's persistent compilation cache; '{workdir}' stands for --workdir;
       '' turns it off; $JAX_COMPILATION_CACHE_DIR, if set, wins.
+    matching_block_size: ground-truth slots per block of the anchor-box IoU in matching
+      (matching.py): 0 (auto) computes the whole [M, A] matrix when it has at most 2**22 entries
+      per image and blocks of 2**22 // A slots otherwise; M is always dense. The targets are
+      identical for every value; only memory and speed change.
   """
 
   conv_kernel_gradient: str = _choice("auto", convolution.KERNEL_GRADIENTS)
@@ -276,6 +292,11 @@ class RuntimeConfig:
   grad_reduction: str = _choice("psum", collectives.MODES)
   xla_flags_cpu: str = " ".join(xla_flags.CPU_FLAGS)
   compilation_cache_dir: str = "{workdir}/compilation_cache"
+  matching_block_size: int = 0
+
+  def __post_init__(self):
+    if self.matching_block_size < 0:
+      raise ValueError(f"matching_block_size must be >= 0 (0: auto), got {self.matching_block_size}")
 
 
 SECTIONS = {

@@ -48,14 +48,15 @@ class AnchorTargets:
 
 def label_anchors(anchors, gt_boxes, gt_labels, gt_mask, *, gt_is_crowd=None,
                   positive_threshold: float = 0.5, negative_threshold: float = 0.4,
-                  low_quality: str = "ties") -> AnchorTargets:
+                  low_quality: str = "ties", block_size: int = 0) -> AnchorTargets:
   """Targets of every anchor of a batch (module docstring); jit/vmap-compatible.
 
   Args:
     anchors: float `[A, 4]`, `xyxy` pixels (`anchors.generate_anchors(...).boxes`).
     gt_boxes: float `[B, M, 4]`, `xyxy` pixels; gt_labels: int `[B, M]` in `0..K-1`;
     gt_mask: bool `[B, M]`, True for real boxes; gt_is_crowd: optional bool `[B, M]`.
-    positive_threshold, negative_threshold, low_quality: as in `matching.match_anchors`.
+    positive_threshold, negative_threshold, low_quality, block_size: as in
+      `matching.match_anchors` (block_size changes memory and speed, never the targets).
 
   Returns:
     `AnchorTargets`.
@@ -70,7 +71,7 @@ def label_anchors(anchors, gt_boxes, gt_labels, gt_mask, *, gt_is_crowd=None,
     raise ValueError(f"anchors must be [A, 4], got {tuple(anchors.shape)}")
   match = matching.batch_match_anchors(
       anchors, gt_boxes, gt_mask, gt_is_crowd=gt_is_crowd, positive_threshold=positive_threshold,
-      negative_threshold=negative_threshold, low_quality=low_quality)
+      negative_threshold=negative_threshold, low_quality=low_quality, block_size=block_size)
   positive = match.state == matching.POSITIVE
   labels = matching.classification_targets(match, gt_labels, ignore_label=IGNORE,
                                            background_label=BACKGROUND)

@@ -19,9 +19,17 @@ anchor whose best IoU with any crowd box exceeds its best IoU with the non-crowd
 `negative_threshold` becomes IGNORE. An image with no valid non-crowd box is all NEGATIVE (minus those
 crowd-ignored anchors).
 
-Padded slots (mask False) never match anything. Everything is static-shaped. The `[M, A]` IoU matrix is
-never stored: a `lax.scan` over the M slots sweeps all A anchors per slot (vectorized) keeping running
-maxima (IoU as torchvision's `box_iou`: no +1, 0 for an empty union).
+Padded slots (mask False) never match anything. Everything is static-shaped.
+
+Memory: the `[M, A]` IoU matrix is computed in blocks of `block_size` ground-truth slots (a
+`lax.scan` over the blocks, each a vectorized `[block_size, A]` IoU block folded into running maxima
+and first-index argmaxes per anchor and per box; IoU as torchvision's `box_iou`: no +1, 0 for an empty
+union). One block of all M slots is the dense form; any block size gives the same assignments, ties
+included (blocks are visited in slot order, strict '>' across blocks and first-index argmax within
+one keep the lowest slot, as `torch.max`). `block_size=0` (auto) takes the dense form when the matrix
+has at most `AUTO_BLOCK_ELEMENTS` entries per image, else blocks of `AUTO_BLOCK_ELEMENTS // A` slots:
+matching 76,725 anchors to 2,000 boxes then works on 54-slot blocks of 16 MiB (49 MiB of XLA buffers
+in all), not a 614 MB matrix per image (docs/benchmarks.md has the memory and time).
 """
 
 from __future__ import annotations
@@ -37,6 +45,22 @@ NEGATIVE = 0
 IGNORE = -1
 
 LOW_QUALITY_MODES = ("ties", "force", "none")
+# block_size=0: the largest IoU block (entries per image) computed at once; 2**22 float32 = 16 MiB.
+AUTO_BLOCK_ELEMENTS = 2**22
+
+
+def resolve_block_size(block_size: int, *, num_anchors: int, num_gt: int) -> int:
+  """The ground-truth slots per IoU block that `match_anchors` uses (module docstring): `block_size`
+  itself (at most `num_gt`), or for 0 the dense form when `num_gt x num_anchors <=
+  AUTO_BLOCK_ELEMENTS`, else `AUTO_BLOCK_ELEMENTS // num_anchors` slots (at least 1)."""
+  if int(block_size) != block_size or block_size < 0:
+    raise ValueError(f"block_size must be an integer >= 0 (0: auto), got {block_size}")
+  num_gt = max(int(num_gt), 1)
+  if block_size == 0:
+    if num_gt * num_anchors <= AUTO_BLOCK_ELEMENTS:
+      return num_gt
+    return max(1, AUTO_BLOCK_ELEMENTS // max(num_anchors, 1))
+  return min(int(block_size), num_gt)
 
 
 @jax.tree_util.register_dataclass
@@ -62,7 +86,8 @@ class MatchResult:
 
 
 def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_threshold: float = 0.5,
-                  negative_threshold: float = 0.4, low_quality: str = "ties") -> MatchResult:
+                  negative_threshold: float = 0.4, low_quality: str = "ties",
+                  block_size: int = 0) -> MatchResult:
   """Matches `anchors [A, 4]` to padded `gt_boxes [M, 4]` (both `xyxy` pixels) of one image.
 
   Args:
@@ -73,6 +98,8 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     positive_threshold: IoU at or above which an anchor is POSITIVE (0.5).
     negative_threshold: IoU below which an anchor is NEGATIVE (0.4); must be <= positive_threshold.
     low_quality: 'ties', 'force' or 'none' (module docstring).
+    block_size: ground-truth slots per IoU block (module docstring): 0 chooses (dense up to
+      `AUTO_BLOCK_ELEMENTS` IoU entries), M is the dense form; the result does not depend on it.
 
   Returns:
     `MatchResult` with `[A]` arrays. Use `jax.vmap(functools.partial(match_anchors, ...),
@@ -97,61 +124,65 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     zeros = jnp.zeros((num_anchors,), jnp.int32)
     return MatchResult(gt_index=zeros, state=zeros + NEGATIVE, max_iou=jnp.zeros((num_anchors,)))
 
+  block = resolve_block_size(block_size, num_anchors=num_anchors, num_gt=num_gt)
+  num_blocks = -(-num_gt // block)
+  padded = num_blocks * block  # slots past num_gt: invalid padding
   gt_mask = gt_mask.astype(bool)
   crowd = jnp.zeros((num_gt,), bool) if gt_is_crowd is None else gt_is_crowd.astype(bool)
   matchable = gt_mask & ~crowd
-  anchors = anchors.astype(jnp.float32)
+  crowd_slots = gt_mask & crowd
   gt_boxes = gt_boxes.astype(jnp.float32)
-  ax1, ay1, ax2, ay2 = (anchors[:, i] for i in range(4))
+  if padded > num_gt:
+    extra = padded - num_gt
+    gt_boxes = jnp.concatenate([gt_boxes, jnp.zeros((extra, 4), jnp.float32)])
+    matchable = jnp.concatenate([matchable, jnp.zeros((extra,), bool)])
+    crowd_slots = jnp.concatenate([crowd_slots, jnp.zeros((extra,), bool)])
+  anchors = anchors.astype(jnp.float32)
+  ax1, ay1, ax2, ay2 = (anchors[None, :, i] for i in range(4))
   anchor_area = (ax2 - ax1) * (ay2 - ay1)
 
-  def iou_with(box):  # [A]: IoU of one box with every anchor, bit-identical to pairwise_iou
-    iw = jnp.maximum(jnp.minimum(ax2, box[2]) - jnp.maximum(ax1, box[0]), 0.0)
-    ih = jnp.maximum(jnp.minimum(ay2, box[3]) - jnp.maximum(ay1, box[1]), 0.0)
+  def iou_with(boxes):  # [block, A]: IoU of a block of boxes with every anchor, as pairwise_iou
+    bx1, by1, bx2, by2 = (boxes[:, None, i] for i in range(4))
+    iw = jnp.maximum(jnp.minimum(ax2, bx2) - jnp.maximum(ax1, bx1), 0.0)
+    ih = jnp.maximum(jnp.minimum(ay2, by2) - jnp.maximum(ay1, by1), 0.0)
     inter = iw * ih
-    union = anchor_area + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    union = anchor_area + (bx2 - bx1) * (by2 - by1) - inter
     return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
-  # A lax.scan over the M slots, each step a vectorized sweep of all A anchors: the running best box
-  # per anchor (strict '>' keeps the first slot on ties, as torch.max), and per box its best IoU and
-  # best anchor. Invalid slots score -1, below any real IoU. For 'ties' the same loop runs a second
-  # lap over the slots, testing each anchor's IoU for equality with the box's best: one loop body,
-  # so both laps compute every IoU with the same instructions and the equality is exact (XLA may
-  # contract multiply-adds into FMAs differently in two separately compiled loops).
-  crowd_slots = gt_mask & crowd
-  laps = 2 if low_quality == "ties" else 1
-
-  def first_lap(carry, quality, iou, slot, ok):
-    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
-    better = quality > best_iou
-    is_crowd_slot = jax.lax.dynamic_index_in_dim(crowd_slots, slot, keepdims=False)
-    if low_quality == "force":
-      best_anchor = best_anchor.at[slot].set(jnp.argmax(quality).astype(jnp.int32))
-    return (jnp.where(better, quality, best_iou), jnp.where(better, slot, best_gt),
-            jnp.maximum(crowd_iou, jnp.where(is_crowd_slot, iou, -1.0)),
-            best_per_gt.at[slot].set(jnp.max(quality)), best_anchor, tied)
-
-  def second_lap(carry, quality, iou, slot, ok):
-    del iou
-    best_iou, best_gt, crowd_iou, best_per_gt, best_anchor, tied = carry
-    return (best_iou, best_gt, crowd_iou, best_per_gt, best_anchor,
-            tied | (ok & (quality == best_per_gt[slot])))
-
+  # A lax.scan over the blocks of slots, each step a vectorized [block, A] IoU block: the running
+  # best box per anchor (first-index argmax within a block, strict '>' across blocks: the lowest
+  # slot on ties, as torch.max), and per box its best anchor. Invalid slots score -1, below any real
+  # IoU. A block holds every anchor, so each box's best IoU over all anchors is known in its own
+  # step, and 'ties' tests the block's IoUs for equality with it there: one pass, and the equality
+  # is exact (the maximum is one of the very values it is compared with).
   def step(carry, i):
-    slot = i % num_gt
-    box = jax.lax.dynamic_index_in_dim(gt_boxes, slot, keepdims=False)
-    ok = jax.lax.dynamic_index_in_dim(matchable, slot, keepdims=False)
-    iou = iou_with(box)  # computed once per step, before the branch: both laps read the same bits
-    quality = jnp.where(ok, iou, -1.0)
-    return jax.lax.cond(i < num_gt, first_lap, second_lap, carry, quality, iou, slot, ok), None
+    best_iou, best_gt, crowd_iou, best_anchor, tied = carry
+    start = i * block
+    boxes = jax.lax.dynamic_slice_in_dim(gt_boxes, start, block)
+    ok = jax.lax.dynamic_slice_in_dim(matchable, start, block)
+    iou = iou_with(boxes)
+    quality = jnp.where(ok[:, None], iou, -1.0)
+    block_best = jnp.max(quality, axis=0)
+    block_arg = jnp.argmax(quality, axis=0).astype(jnp.int32) + start
+    better = block_best > best_iou
+    is_crowd = jax.lax.dynamic_slice_in_dim(crowd_slots, start, block)
+    crowd_iou = jnp.maximum(crowd_iou, jnp.max(jnp.where(is_crowd[:, None], iou, -1.0), axis=0))
+    if low_quality == "ties":
+      box_best = jnp.max(quality, axis=1, keepdims=True)  # [block, 1], over all anchors
+      tied = tied | jnp.any(ok[:, None] & (quality == box_best), axis=0)
+    elif low_quality == "force":
+      best_anchor = jax.lax.dynamic_update_slice_in_dim(
+          best_anchor, jnp.argmax(quality, axis=1).astype(jnp.int32), start, 0)
+    return (jnp.where(better, block_best, best_iou), jnp.where(better, block_arg, best_gt),
+            crowd_iou, best_anchor, tied), None
 
   # Carries built "like" an IoU row, so that they have its type under shard_map (varying axes).
-  template = jnp.zeros_like(iou_with(gt_boxes[0]))
+  template = jnp.zeros_like(iou_with(gt_boxes[:1])[0])
   per_gt = jnp.zeros_like(gt_boxes[:, 0])
-  init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt - 1.0,
-          per_gt.astype(jnp.int32), template.astype(bool))
-  (best_iou, gt_index, crowd_iou, _, best_anchor, tied), _ = jax.lax.scan(
-      step, init, jnp.arange(laps * num_gt, dtype=jnp.int32))
+  init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt.astype(jnp.int32),
+          template.astype(bool))
+  (best_iou, gt_index, crowd_iou, best_anchor, tied), _ = jax.lax.scan(
+      step, init, jnp.arange(num_blocks, dtype=jnp.int32))
   has_gt = jnp.any(matchable)
 
   state = jnp.where(best_iou >= positive_threshold, POSITIVE,
@@ -160,7 +191,7 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     state = jnp.where(tied, POSITIVE, state)
   elif low_quality == "force":
     target = jnp.where(matchable, best_anchor, num_anchors)  # out of range: dropped
-    gt_index = gt_index.at[target].set(jnp.arange(num_gt, dtype=jnp.int32), mode="drop")
+    gt_index = gt_index.at[target].set(jnp.arange(padded, dtype=jnp.int32), mode="drop")
     forced = jnp.zeros((num_anchors,), bool).at[target].set(True, mode="drop")
     state = jnp.where(forced, POSITIVE, state)
 

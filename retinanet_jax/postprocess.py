@@ -9,9 +9,18 @@ levels' candidates then go through class-wise NMS (a box is suppressed by a high
 the same class with IoU > `nms_threshold`), and the best `max_detections` survivors are returned in
 descending score order.
 
-NMS here is greedy and exact, done as `max_detections` rounds of "take the best remaining candidate,
-suppress its same-class neighbours": O(D x N) work with N candidates, no N x N matrix, identical picks to
-torchvision's `batched_nms` followed by `[:D]` (up to the order of exactly tied scores).
+NMS is greedy and exact, identical picks to torchvision's `batched_nms` followed by `[:D]` (up to the
+order of exactly tied scores), in one of two forms (`nms_mode`):
+  * `rounds` (`class_wise_nms`): `max_detections` rounds of "take the best remaining candidate,
+    suppress its same-class neighbours": O(D x N) work with N candidates, no N x N matrix, but D
+    sequential steps, each touching all N candidates;
+  * `tiled` (`tiled_class_wise_nms`, the default): the candidates sorted by score, then visited in
+    tiles of `TILE` (TF Model Garden's tiled NMS, torchvision's CUDA kernel): a tile is first
+    suppressed by the boxes kept so far (at most D: one `[TILE, D]` IoU block), then greedily within
+    itself (a `[TILE, TILE]` suppression mask resolved by a fixed-point iteration that converges to
+    the greedy order's result); the loop stops once D boxes are kept or the candidates run out.
+    O(N' x D) work for the N' <= N candidates visited, in N' / TILE sequential steps.
+Both pick the same boxes in the same order (tests/test_postprocess.py).
 """
 
 from __future__ import annotations
@@ -128,9 +137,82 @@ def class_wise_nms(boxes, scores, classes, *, iou_threshold: float, max_detectio
   return index, valid
 
 
+NMS_MODES = ("tiled", "rounds")
+TILE = 256  # candidates per tile of tiled_class_wise_nms
+
+
+def tiled_class_wise_nms(boxes, scores, classes, *, iou_threshold: float, max_detections: int,
+                         tile: int = TILE):
+  """Greedy class-wise NMS of one image's candidates in tiles of sorted candidates (module
+  docstring); the same result as `class_wise_nms`.
+
+  Args:
+    boxes: float32 `[N, 4]` `xyxy`; scores: float32 `[N]` (`-inf` marks a non-candidate);
+    classes: int32 `[N]`.
+    iou_threshold: a candidate is suppressed by a kept box of its class with IoU > this.
+    max_detections: `D`, kept boxes at most.
+    tile: candidates per tile (any value gives the same result; `TILE` by default).
+
+  Returns:
+    `(index [D] int32, valid [D] bool)`: the kept candidates' indices in descending score order
+    (ties: lower index first).
+  """
+  num = scores.shape[0]
+  tile = max(1, min(int(tile), num))
+  num_tiles = -(-num // tile)
+  padded = num_tiles * tile
+  order = jnp.argsort(-scores, stable=True).astype(jnp.int32)  # descending; ties: lower index first
+  pad = padded - num
+  sorted_scores = jnp.concatenate([scores[order], jnp.full((pad,), -jnp.inf, scores.dtype)])
+  sorted_boxes = jnp.concatenate([boxes[order].astype(jnp.float32), jnp.zeros((pad, 4))])
+  sorted_classes = jnp.concatenate([classes[order].astype(jnp.int32), jnp.full((pad,), -1, jnp.int32)])
+  sorted_index = jnp.concatenate([order, jnp.zeros((pad,), jnp.int32)])
+  earlier = jnp.arange(tile)[:, None] < jnp.arange(tile)[None, :]  # [j, i]: j before i
+
+  def suppresses(boxes_a, classes_a, boxes_b, classes_b):  # [Na, Nb]: a suppresses b
+    iou = box_lib.pairwise_iou(boxes_a, boxes_b)
+    return (iou > iou_threshold) & (classes_a[:, None] == classes_b[None, :])
+
+  def cond(carry):
+    t, count, _, _, _ = carry
+    first_score = jax.lax.dynamic_index_in_dim(sorted_scores, t * tile, keepdims=False)
+    return (t < num_tiles) & (count < max_detections) & (first_score > -jnp.inf)
+
+  def body(carry):
+    t, count, kept_boxes, kept_classes, kept_index = carry
+    start = t * tile
+    tb = jax.lax.dynamic_slice_in_dim(sorted_boxes, start, tile)
+    tc = jax.lax.dynamic_slice_in_dim(sorted_classes, start, tile)
+    ts = jax.lax.dynamic_slice_in_dim(sorted_scores, start, tile)
+    ti = jax.lax.dynamic_slice_in_dim(sorted_index, start, tile)
+    kept_valid = jnp.arange(max_detections) < count
+    by_kept = jnp.any(suppresses(kept_boxes, kept_classes, tb, tc) & kept_valid[:, None], axis=0)
+    alive = (ts > -jnp.inf) & ~by_kept
+    within = suppresses(tb, tc, tb, tc) & earlier  # [j, i]: earlier j suppresses i
+
+    def refine(state):  # keep[i] = alive[i] and no kept earlier j of the tile suppresses i
+      keep, _ = state
+      new = alive & ~jnp.any(within & keep[:, None], axis=0)
+      return new, jnp.any(new != keep)
+
+    keep, _ = jax.lax.while_loop(lambda s: s[1], refine, (alive, jnp.bool_(True)))
+    slot = count + jnp.cumsum(keep) - 1
+    target = jnp.where(keep, slot, max_detections)  # beyond D: dropped
+    kept_boxes = kept_boxes.at[target].set(tb, mode="drop")
+    kept_classes = kept_classes.at[target].set(tc, mode="drop")
+    kept_index = kept_index.at[target].set(ti, mode="drop")
+    return t + 1, count + jnp.sum(keep), kept_boxes, kept_classes, kept_index
+
+  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((max_detections, 4), jnp.float32),
+          jnp.full((max_detections,), -1, jnp.int32), jnp.zeros((max_detections,), jnp.int32))
+  _, count, _, _, index = jax.lax.while_loop(cond, body, init)
+  return index, jnp.arange(max_detections) < count
+
+
 def postprocess_detections(cls_logits, box_deltas, *, anchors: anchor_lib.AnchorSet, image_hw,
                            score_threshold: float = 0.05, topk_candidates: int = 1000,
                            nms_threshold: float = 0.5, max_detections: int = 100,
+                           nms_mode: str = "tiled",
                            box_coder: box_lib.BoxCoder = box_lib.BoxCoder()) -> Detections:
   """Detections `[B, D, ...]` from head outputs `cls_logits [B, A, K]` and `box_deltas [B, A, 4]`.
 
@@ -142,6 +224,8 @@ def postprocess_detections(cls_logits, box_deltas, *, anchors: anchor_lib.Anchor
       clipped to it.
     score_threshold, topk_candidates, nms_threshold, max_detections: torchvision's
       0.05 / 1000 / 0.5 / 100 by default (the paper's 0.05 / 1000 / 0.5 / 100 too).
+    nms_mode: 'tiled' (`tiled_class_wise_nms`) or 'rounds' (`class_wise_nms`): the same
+      detections; tiled scales with D (module docstring).
 
   Returns:
     `Detections` with `D = max_detections` rows per image, in input pixels. Map them to original
@@ -159,6 +243,9 @@ def postprocess_detections(cls_logits, box_deltas, *, anchors: anchor_lib.Anchor
   image_hw = jnp.asarray(image_hw)
   if image_hw.shape != (batch, 2):
     raise ValueError(f"image_hw must be [B, 2] = {(batch, 2)}, got {tuple(image_hw.shape)}")
+  if nms_mode not in NMS_MODES:
+    raise ValueError(f"nms_mode must be one of {NMS_MODES}, got {nms_mode!r}")
+  nms = tiled_class_wise_nms if nms_mode == "tiled" else class_wise_nms
   for name, value in (("topk_candidates", topk_candidates), ("max_detections", max_detections)):
     if int(value) != value or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -169,8 +256,8 @@ def postprocess_detections(cls_logits, box_deltas, *, anchors: anchor_lib.Anchor
     boxes, scores, classes = _candidates_one_image(
         logits, deltas, anchor_boxes, hw.astype(jnp.float32), level_offsets=anchors.level_offsets,
         score_threshold=score_threshold, topk_candidates=topk_candidates, box_coder=box_coder)
-    index, valid = class_wise_nms(boxes, scores, classes, iou_threshold=nms_threshold,
-                                  max_detections=max_detections)
+    index, valid = nms(boxes, scores, classes, iou_threshold=nms_threshold,
+                       max_detections=max_detections)
     return Detections(boxes=jnp.where(valid[:, None], boxes[index], 0.0),
                       scores=jnp.where(valid, scores[index], 0.0),
                       classes=jnp.where(valid, classes[index], -1), valid=valid)

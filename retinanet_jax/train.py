@@ -28,6 +28,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import console
 from retinanet_jax import errors
 from retinanet_jax import evaluation
+from retinanet_jax.evaluation import counting
 from retinanet_jax import metric_writer
 from retinanet_jax import train_state as train_state_lib
 from retinanet_jax import train_step as train_step_lib
@@ -145,7 +146,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         json.dump(detections, f)
     writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.log(f"Evaluation at step {step} ({evaluator.num_images} images, "
-               f"{time.time() - began:.0f} s):\n{evaluation.format_report(result)}")
+               f"{time.time() - began:.0f} s):\n{evaluation.format_report(result)}"
+               + (f"\n{counting.format_counts(metrics)}" if "count_mae" in metrics else ""))
     return metrics
 
   divergence_keys = ("episodes", "diverged_at", "diverged_loss", "diverged_median", "steps_above")

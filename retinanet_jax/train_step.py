@@ -114,7 +114,8 @@ def train_step(graphdef, state: TrainState, batch: dict, *, tx, anchors: np.ndar
       anchors, batch["boxes"], batch["labels"], batch["box_mask"], gt_is_crowd=batch["is_crowd"],
       positive_threshold=config.matching.positive_threshold,
       negative_threshold=config.matching.negative_threshold,
-      low_quality=config.matching.low_quality)
+      low_quality=config.matching.low_quality,
+      block_size=config.runtime.matching_block_size)
   normalizer, positives = loss_normalizer(
       targets.num_positives, mode=loss_cfg.normalizer, ema_state=state.normalizer,
       momentum=loss_cfg.normalizer_momentum)

@@ -78,3 +78,12 @@ def save_eval_examples(path: str, eval_input, detections: Sequence[dict], label_
     if len(pictures) >= num_images:
       break
   grid(pictures).save(path)
+
+
+def draw_caption(picture: Image.Image, text: str) -> Image.Image:
+  """`picture` with `text` in black on a white band at its top-left corner (e.g. an object count)."""
+  draw = ImageDraw.Draw(picture)
+  left, top, right, bottom = draw.textbbox((2, 2), text)
+  draw.rectangle([0, 0, right + 2, bottom + 2], fill=(255, 255, 255))
+  draw.text((2, 2), text, fill=(0, 0, 0))
+  return picture

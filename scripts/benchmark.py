@@ -18,6 +18,8 @@ a module of `benchmarks/`, whose docstring says what it measures:
                'all' includes it in --quick only.
   deploy       latency of the exported StableHLO, SavedModel and ONNX forms and the in-process model,
                batch 1 at 512x512 and 800x1333, one round-robin (deploy.py); not part of 'all'.
+  dense        thousands of boxes: matching at 100/500/2,000 boxes (time, peak memory), NMS at
+               D = 100/300/1,000, the 640 training step at 1,000 vs 100 boxes (dense.py; not in 'all').
   eval         COCO evaluation: eval.backend='faster_coco_eval' against pycocotools (evaluation.py;
                not in 'all').
 

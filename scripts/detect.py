@@ -6,11 +6,14 @@ Preprocessing is torchvision's `GeneralizedRCNNTransform` at inference: resize (
 that the short side is --min_size (800) and the long side at most --max_size (1333), normalize, pad to a
 multiple of --size_divisible (32, as torchvision; the training pipeline pads to 128). Images are run one
 at a time (a new size compiles once). Writes, in --output:
-  * `<image stem>.detections.png`: the image with the detections scoring >= --draw_threshold; two inputs
+  * `<image stem>.detections.png`: the image with the detections scoring >= --draw_threshold and, at
+    its top-left corner, the image's object count (below); two inputs
     with the same stem (`a/cat.png`, `b/cat.jpg`) get `cat.detections.png` and `cat-2.detections.png`;
   * `detections.json`: COCO results `[{image_id, category_id, category_name, bbox: [x, y, w, h], score,
     file_name}]` in original pixels, all detections >= --score_threshold;
-  * `images.json`: `[{id, file_name, path, output_file, height, width}]` (`path` as given).
+  * `images.json`: `[{id, file_name, path, output_file, height, width, count, count_threshold}]`
+    (`path` as given; `count`: the image's detections scoring >= --count_threshold, all classes: the
+    object count of evaluation/counting.py; raise --max_detections above the densest image's count).
 Image ids: when every input's file name is a number and no two are equal (COCO's 000000397133.jpg ->
 397133), those numbers; otherwise each image's position on the command line (0, 1, ...). Ids are unique
 in a run either way.
@@ -46,6 +49,9 @@ flags.DEFINE_integer("size_divisible", 32, "Pad height and width to a multiple o
 flags.DEFINE_float("score_threshold", 0.05, "Keep detections scoring above this (torchvision: 0.05).")
 flags.DEFINE_integer("max_detections", 100, "Detections per image at most.")
 flags.DEFINE_float("draw_threshold", 0.5, "Draw detections scoring at least this.")
+flags.DEFINE_float("count_threshold", None, "Count detections scoring at least this (default: "
+                   "--draw_threshold; a training run's evaluation reports the MAE-best "
+                   "threshold as count_threshold).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
 flags.DEFINE_bool("verbose", False, "Show the INFO logging of the checkpoint library and the "
                   "backends (off by default).")
@@ -98,11 +104,13 @@ def check_outputs(paths, output: str, names) -> None:
 
 def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, max_size: int = 1333,
                  size_divisible: int = 32, score_threshold: float = 0.05, max_detections: int = 100,
-                 draw_threshold: float = 0.5, dtype: str = "float32") -> list[dict]:
+                 draw_threshold: float = 0.5, dtype: str = "float32",
+                 count_threshold: float | None = None) -> list[dict]:
   """Detects objects in the image files `paths`; writes PNGs and JSON to `output` (see the module
   docstring; raises `FileExistsError` before any work if a file to write exists); returns the COCO
   results. `checkpoint`: converted weights, a training run's workdir or one of its step folders
-  (`checkpoints.load_model`: the model description inside says everything)."""
+  (`checkpoints.load_model`: the model description inside says everything). Each image's count is
+  its detections scoring >= `count_threshold` (default: `draw_threshold`)."""
   paths = list(paths)
   names = output_names(paths)
   check_outputs(paths, output, names)
@@ -118,6 +126,8 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   anchor_config, convention = description.anchors, description.input_convention
   category_ids, names_of = description.label_map.category_ids, description.label_map.names
   os.makedirs(output, exist_ok=True)
+  if count_threshold is None:
+    count_threshold = draw_threshold
   results, images_info = [], []
   for path, image_id, name in zip(paths, image_ids(paths), names):
     original = read_image(path)
@@ -134,8 +144,10 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
     valid = detections.valid[0]
     boxes, scores = detections.boxes[0][valid], detections.scores[0][valid]
     classes = detections.classes[0][valid]
+    count = int(np.sum(scores >= count_threshold))
     images_info.append({"id": image_id, "file_name": os.path.basename(path), "path": path,
-                        "output_file": name, "height": height, "width": width})
+                        "output_file": name, "height": height, "width": width, "count": count,
+                        "count_threshold": float(count_threshold)})
     for box, score, cls in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
       results.append({"image_id": image_id, "category_id": int(category_ids[cls]),
                       "category_name": names_of[cls],
@@ -144,9 +156,10 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
     shown = scores >= draw_threshold
     picture = visualization.draw_detections(original, boxes[shown], classes[shown], scores[shown],
                                             names=names_of)
+    visualization.draw_caption(picture, f"count: {count} (score >= {count_threshold:g})")
     with open(os.path.join(output, name), "xb") as f:  # "x": fails rather than overwrite
       picture.save(f, format="PNG")
-    print(f"{path}: {len(scores)} detections, {int(shown.sum())} drawn -> {name}")
+    print(f"{path}: {len(scores)} detections, {int(shown.sum())} drawn, count {count} -> {name}")
   for file_name, obj in ((DETECTIONS_FILE, results), (IMAGES_FILE, images_info)):
     with open(os.path.join(output, file_name), "x") as f:
       json.dump(obj, f, indent=None if obj is results else 1)
@@ -166,7 +179,8 @@ def main(argv):
     sizes = {k: v if FLAGS[k].present else defaults[k] for k, v in sizes.items()}
   detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
                score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
-               draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype)
+               draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype,
+               count_threshold=FLAGS.count_threshold)
 
 
 if __name__ == "__main__":

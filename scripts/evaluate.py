@@ -90,6 +90,9 @@ def main(argv):
     result = evaluator.evaluate_saved(FLAGS.checkpoint, config=FLAGS.config,
                                       output_dir=FLAGS.output)
   print(evaluation.format_report(result))
+  from retinanet_jax.evaluation import counting  # pylint: disable=import-outside-toplevel
+  if "count_mae" in result.metrics:
+    print(counting.format_counts(result.metrics))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,21 @@ Custom dataset, one split per annotations file:
 One file, split by image (seeded):
   python scripts/prepare_dataset.py --name my_boxes --annotations instances.json \
     --images images/ --validation_fraction 0.1
+SKU-110K (CSV files `image_name,x1,y1,x2,y2,class,image_width,image_height`):
+  python scripts/prepare_dataset.py --name sku110k --format sku110k \
+    --annotations train=SKU110K/annotations/annotations_train.csv --images train=SKU110K/images \
+    --annotations validation=SKU110K/annotations/annotations_val.csv --images validation=SKU110K/images
+CARPK (per-image `x1 y1 x2 y2 class` text files; --annotations names a split's ImageSets list):
+  python scripts/prepare_dataset.py --name carpk --format carpk \
+    --annotations train=CARPK_devkit/data/ImageSets/train.txt --images train=CARPK_devkit/data/Images \
+    --annotations test=CARPK_devkit/data/ImageSets/test.txt --images test=CARPK_devkit/data/Images
 Built-in synthetic dataset (what `data.name = "synthetic"` reads; knobs: synthetic.SyntheticConfig):
   python scripts/prepare_dataset.py --synthetic [--synthetic_knob num_train=5000 ...]
 
 Then train with `--config.data.name=my_boxes --config.data.data_dir=~/tfds`. The dataset folder also
-holds label_map.json, ground_truth_{split}.json (evaluation) and prepare_report.json.
+holds label_map.json, ground_truth_{split}.json (evaluation) and prepare_report.json. The report (and
+the console) give the largest box count of one image per split and the `data.max_boxes` to train
+with (boxes beyond the cap are left out of training, and counted).
 
 Every annotation file and image is validated first, in one pass, and every problem is printed,
 grouped by kind with its count and first --max_listed ids (all of them in the report file). Fatal
@@ -41,13 +51,17 @@ from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
 from retinanet_jax.data import (  # noqa: E402  pylint: disable=wrong-import-position
-    coco_format, coco_validation, config as config_lib, sources, synthetic)
+    annotation_readers, coco_format, coco_validation, config as config_lib, sources, synthetic)
 
 _ANNOTATIONS = flags.DEFINE_multi_string(
     "annotations", [], "COCO-format JSON: PATH (split 'train') or SPLIT=PATH, repeatable.")
 _IMAGES = flags.DEFINE_multi_string(
     "images", [], "Image folder (file_name is relative to it): DIR or SPLIT=DIR, repeatable.")
 _NAME = flags.DEFINE_string("name", None, "TFDS dataset name, e.g. my_boxes.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "coco", ["coco", "sku110k", "carpk"], "Annotation format of --annotations: COCO "
+    "JSON; SKU-110K CSV files; CARPK ImageSets lists (or folders of per-image .txt files), "
+    "retinanet_jax/data/annotation_readers.py.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data folder (default: TFDS's).")
 _VALIDATION_FRACTION = flags.DEFINE_float(
     "validation_fraction", 0.0, "With a single annotations file: this fraction of its images "
@@ -100,6 +114,15 @@ def _split_by_fraction(coco: dict, fraction: float, seed: int) -> dict[str, dict
   }
 
 
+def _read(path: str, images_dir: str, report, split: str) -> dict | None:
+  """The COCO-format dict of one split's annotations in --format (None: unreadable, reported)."""
+  if _FORMAT.value == "sku110k":
+    return annotation_readers.read_sku110k_csv(path, images_dir, report, split=split)
+  if _FORMAT.value == "carpk":
+    return annotation_readers.read_carpk(path, images_dir, report, split=split)
+  return coco_validation.read_annotations(path, report, split=split)
+
+
 def _build_custom() -> bool:
   """Returns False when the run stopped at fatal problems."""
   if not _NAME.value:
@@ -120,7 +143,7 @@ def _build_custom() -> bool:
   if report_path:
     coco_validation.check_report_path(report_path)
   report = coco_validation.Report()
-  cocos = {split: coco_validation.read_annotations(path, report, split=split)
+  cocos = {split: _read(path, images[split], report, split)
            for split, path in annotations.items()}
   cocos = {split: coco for split, coco in cocos.items() if coco is not None}  # others: reported
   if _VALIDATION_FRACTION.value > 0 and cocos:

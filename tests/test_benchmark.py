@@ -225,3 +225,17 @@ def test_eval_suite_times_both_backends_on_the_same_numbers():
   for row in rows:
     assert row.suite == "eval" and row.ours.wall > 0 and row.peer.wall > 0
     assert float(row.note.rsplit(" ", 1)[-1]) < 1e-6  # largest metric difference
+
+
+def test_dense_suite_fills_its_rows():
+  from benchmarks import dense
+  from benchmarks import timing
+  session = timing.Session(timing.Options(quick=True))
+  rows = dense.bench_dense_matching(session) + dense.bench_dense_nms(session)
+  rows += dense.bench_dense_training(session)
+  cases = [row.case for row in rows]
+  assert len(rows) == 6, cases
+  for row in rows:
+    assert row.suite == "dense" and row.ours.wall > 0 and row.peer.wall > 0, row
+  assert "peak RSS growth ours" in rows[0].note and "kept; rounds NMS" in rows[2].note
+  assert "ours 100 / 10 boxes" in rows[-1].note

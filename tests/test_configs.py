@@ -14,7 +14,7 @@ from retinanet_jax import optimizer, train_state
 from retinanet_jax.data import transforms
 
 CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic",
-           "sardet_r50"]
+           "sardet_r50", "sku110k", "carpk", "dense_synthetic"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -214,3 +214,22 @@ def test_smoke_composes_with_fewer_validation_images_and_a_slice_too_long_is_nam
       "data.synthetic.num_train=64 images; use train[:64] or less, or 'train'",
       "data.eval_split: 'validation[:16]' reaches image 16 but the synthetic 'validation' split "
       "has data.synthetic.num_validation=8 images; use validation[:8] or less, or 'validation'"]
+
+
+def test_dense_scene_fields_are_checked_at_the_boundary():
+  c = config_lib.default_config()
+  typed = config_lib.Config.from_config_dict(c)
+  assert typed.eval.count_score_threshold is None and typed.eval.nms_mode == "tiled"
+  c.eval.count_score_threshold = 0.4
+  assert config_lib.Config.from_config_dict(c).eval.count_score_threshold == 0.4
+  c.eval.count_score_threshold = 1.5
+  c.runtime.matching_block_size = -1
+  with pytest.raises(config_lib.ConfigError) as raised:
+    config_lib.Config.from_config_dict(c)
+  assert "count_score_threshold must be in [0, 1]" in str(raised.value)
+  assert "runtime: matching_block_size must be >= 0" in str(raised.value)  # both in one pass
+  c.eval.count_score_threshold = None
+  c.runtime.matching_block_size = 0
+  c.eval.nms_mode = "fast"
+  with pytest.raises(config_lib.ConfigError, match=r"nms_mode.*'fast'.*'tiled'"):
+    config_lib.Config.from_config_dict(c)

@@ -91,14 +91,20 @@ def test_detect_files_matches_torchvision(converted, tmp_path):
 
   out = tmp_path / "out"
   results = detect_script.detect_files(paths, checkpoint=checkpoint, output=str(out), **SIZES,
-                                       draw_threshold=0.1, max_detections=300)
+                                       draw_threshold=0.1, max_detections=300,
+                                       count_threshold=0.2)
 
+  # The count: each image's detections scoring >= count_threshold (the torchvision model's own
+  # detections, below, are checked against these results).
+  counts = [sum(r["score"] >= 0.2 for r in results if r["image_id"] == i) for i in (0, 1)]
+  assert 0 < counts[0] < sum(r["image_id"] == 0 for r in results)
   with open(out / "images.json") as f:  # not all names are numbers: ids are positions
     assert json.load(f) == [
         {"id": 0, "file_name": "000000000042.png", "path": paths[0],
-         "output_file": "000000000042.detections.png", "height": 71, "width": 103},
+         "output_file": "000000000042.detections.png", "height": 71, "width": 103,
+         "count": counts[0], "count_threshold": 0.2},
         {"id": 1, "file_name": "tall.png", "path": paths[1], "output_file": "tall.detections.png",
-         "height": 130, "width": 57}]
+         "height": 130, "width": 57, "count": counts[1], "count_threshold": 0.2}]
   for name, image in zip(("000000000042.detections.png", "tall.detections.png"), originals):
     with Image.open(out / name) as picture:
       assert picture.size == (image.shape[1], image.shape[0])
@@ -183,6 +189,7 @@ def test_console_is_quiet_unless_verbose(converted, tmp_path):
     return done.stdout + done.stderr
 
   quiet = run(f"--output={tmp_path / 'quiet'}")
-  assert quiet.splitlines() == [f"{path}: 100 detections, 0 drawn -> photo.detections.png"], quiet
+  expected = f"{path}: 100 detections, 0 drawn, count 0 -> photo.detections.png"
+  assert quiet.splitlines() == [expected], quiet
   loud = run(f"--output={tmp_path / 'loud'}", "--verbose")  # Orbax's and the backends' INFO lines
   assert "orbax-checkpoint version" in loud and len(loud.splitlines()) > 2, loud

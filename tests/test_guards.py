@@ -28,6 +28,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import data as data_lib
 from retinanet_jax import evaluation, train, train_state
 from retinanet_jax.evaluation import evaluator as evaluator_lib
+from retinanet_jax.evaluation import counting
 from retinanet_jax.data import coco_format, transforms
 
 SIZE = 64
@@ -230,8 +231,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_only_finit
 def test_evaluation_with_a_category_without_ground_truth_and_images_without_annotations(mixed_run):
   workdir, summary, _ = mixed_run
   metrics = summary["metrics"]
-  assert set(metrics) == set(evaluation.METRIC_NAMES)
-  assert all(isinstance(v, float) and -1 <= v <= 1 for v in metrics.values())
+  assert set(metrics) == set(evaluation.METRIC_NAMES) | set(counting.METRIC_NAMES)
+  assert all(isinstance(metrics[n], float) and -1 <= metrics[n] <= 1 for n in evaluation.METRIC_NAMES)
+  assert metrics["count_mae"] >= 0 and metrics["count_threshold_chosen"] == 1.0
   assert metrics["AP"] >= 0  # defined: categories 1 and 2 have ground truth
   detections = json.load(open(os.path.join(workdir, "detections_10.json")))
   assert 3 in {d["category_id"] for d in detections}  # detections of the category without truth
@@ -264,11 +266,13 @@ def _evaluate(blind_model, split):
 def test_evaluation_without_any_detection_gives_zeros(blind_model):
   metrics, detections = _evaluate(blind_model, "validation")
   assert detections == []
-  assert metrics == {name: 0.0 for name in evaluation.METRIC_NAMES}
+  assert {n: metrics[n] for n in evaluation.METRIC_NAMES} == {n: 0.0 for n in evaluation.METRIC_NAMES}
+  assert metrics["count_mae"] > 0  # every count is 0, below the ground truth's
 
 
 def test_evaluation_of_a_split_without_annotations_gives_undefined_not_an_error(blind_model):
   metrics, detections = _evaluate(blind_model, "no_boxes")
   assert detections == []
-  assert metrics == {name: -1.0 for name in evaluation.METRIC_NAMES}
+  assert {n: metrics[n] for n in evaluation.METRIC_NAMES} == {n: -1.0 for n in evaluation.METRIC_NAMES}
+  assert metrics["count_mae"] == metrics["count_rmse"] == 0.0  # 0 counted, 0 there
   assert "n/a" in evaluation.format_table(metrics)

@@ -152,3 +152,81 @@ def test_same_matches_under_shard_map_on_part_of_the_devices():
   plain = jax.jit(f)(gt, mask)
   np.testing.assert_array_equal(jax.device_get(sharded.state), plain.state)
   np.testing.assert_array_equal(jax.device_get(sharded.gt_index), plain.gt_index)
+
+
+# --- Blocked matching: every block size gives the dense form's assignments, bit for bit. ---------
+
+def _assert_same_match(a, b, context):
+  for field in ("gt_index", "state", "max_iou"):
+    np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)),
+                                  err_msg=f"{field}, {context}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_jit_match(mode, block):  # one compilation per mode and block size (and shapes)
+  return jit_match(low_quality=mode, block_size=block)
+
+
+def _blocked_vs_dense(anchors, gt, mask, crowd, block_sizes, modes=matching.LOW_QUALITY_MODES):
+  for mode in modes:
+    dense = _cached_jit_match(mode, gt.shape[0])(anchors, gt, mask, gt_is_crowd=crowd)
+    for block in block_sizes:
+      blocked = _cached_jit_match(mode, block)(anchors, gt, mask, gt_is_crowd=crowd)
+      _assert_same_match(blocked, dense, f"mode {mode}, block {block}")
+  return dense
+
+
+def test_blocked_equals_dense_random_ties_and_padding():
+  rng = np.random.default_rng(11)
+  anchors = anchor_lib.generate_anchors((64, 64)).boxes  # 774 anchors
+  num_slots = 23  # blocks of 1, 5 (a partial last block) and 23 (dense)
+  xy = rng.uniform(0, 56, (num_slots, 2))
+  gt = np.concatenate([xy, xy + rng.uniform(3, 40, (num_slots, 2))], 1).astype(np.float32)
+  gt[3:9] = np.round(gt[3:9])  # integer coordinates: exact IoU ties among anchors
+  gt[9] = gt[4]  # two slots with one box: ties across slots (and across blocks)
+  gt[10] = anchors[100]  # IoU exactly 1
+  gt[11] = anchors[101]
+  mask = rng.uniform(size=num_slots) < 0.8
+  mask[[4, 9, 10]] = True
+  crowd = np.zeros(num_slots, bool)
+  crowd[[2, 12]] = True
+  dense = _blocked_vs_dense(anchors, gt, mask, crowd, (1, 5))
+  assert (np.asarray(dense.state) == matching.POSITIVE).sum() > 10  # a real test, not all negative
+  # The dense form is torchvision's Matcher (no crowd boxes there).
+  slots = np.nonzero(mask)[0]
+  r = jit_match(block_size=5)(anchors, gt, mask)
+  ours = np.asarray(r.to_torchvision())
+  ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)
+  np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt[mask]))
+  # All padding: all negative in every form.
+  none = _blocked_vs_dense(anchors, gt, np.zeros(num_slots, bool), crowd, (7,), modes=("ties",))
+  assert (np.asarray(none.state) == matching.NEGATIVE).all()
+
+
+def test_blocked_equals_dense_and_torchvision_at_3000_boxes():
+  rng = np.random.default_rng(12)
+  anchors = anchor_lib.generate_anchors((64, 64)).boxes
+  num_slots = 3000
+  xy = rng.uniform(0, 60, (num_slots, 2))
+  gt = np.concatenate([xy, xy + rng.uniform(2, 24, (num_slots, 2))], 1).astype(np.float32)
+  gt[::3] = np.round(gt[::3])
+  mask = rng.uniform(size=num_slots) < 0.9
+  _blocked_vs_dense(anchors, gt, mask, None, (64,), modes=("ties", "force"))
+  slots = np.nonzero(mask)[0]
+  ours = np.asarray(jit_match(block_size=64)(anchors, gt, mask).to_torchvision())
+  ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)
+  np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt[mask]))
+
+
+def test_auto_block_size_bounds_memory():
+  assert matching.resolve_block_size(0, num_anchors=6921, num_gt=400) == 400  # dense
+  assert matching.resolve_block_size(0, num_anchors=76725, num_gt=2000) == 54
+  assert matching.resolve_block_size(16, num_anchors=76725, num_gt=8) == 8
+  with pytest.raises(ValueError, match="block_size"):
+    matching.resolve_block_size(-1, num_anchors=10, num_gt=10)
+  # XLA's buffer assignment for 76,725 anchors x 2,000 boxes: far below the 614 MB dense matrix.
+  anchors = anchor_lib.generate_anchors((640, 640)).boxes
+  gt = jax.ShapeDtypeStruct((2000, 4), jnp.float32)
+  mask = jax.ShapeDtypeStruct((2000,), jnp.bool_)
+  compiled = jit_match().lower(anchors, gt, mask).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 100 * 2**20

@@ -156,3 +156,90 @@ def test_detection_candidates_then_nms_is_postprocess_detections():
                                   np.asarray(reference.boxes[i])[np.asarray(valid)])
     np.testing.assert_array_equal(np.asarray(classes[i])[np.asarray(index)][np.asarray(valid)],
                                   np.asarray(reference.classes[i])[np.asarray(valid)])
+
+
+# --- Tiled NMS: the rounds NMS (the reference) and torchvision's batched_nms, on adversarial sets. ---
+
+@functools.lru_cache(maxsize=None)
+def _jit_nms(fn, max_detections, tile=None):  # one compilation per form, D and tile
+  kwargs = {} if tile is None else {"tile": tile}
+  return jax.jit(functools.partial(fn, iou_threshold=0.5, max_detections=max_detections, **kwargs))
+
+
+def _nms(fn, boxes, scores, classes, *, max_detections, tile=None):
+  index, valid = _jit_nms(fn, max_detections, tile)(boxes, scores, classes)
+  return np.asarray(index)[np.asarray(valid)]
+
+
+def _adversarial_sets():
+  rng = np.random.default_rng(21)
+  n = 300
+  xy = rng.uniform(0, 200, (n, 2))
+  random_boxes = np.concatenate([xy, xy + rng.uniform(5, 60, (n, 2))], 1).astype(np.float32)
+  random_scores = rng.uniform(size=n).astype(np.float32)
+  random_scores[rng.uniform(size=n) < 0.2] = -np.inf  # non-candidates scattered among candidates
+  classes = rng.integers(0, 3, n).astype(np.int32)
+  yield "random", random_boxes, random_scores, classes
+  # Identical boxes: one survivor per class.
+  yield ("identical boxes", np.tile(np.float32([[10, 10, 50, 50]]), (n, 1)), random_scores,
+         classes)
+  # Identical scores (ties broken by index), on a grid of integer boxes with many overlaps.
+  grid = np.round(random_boxes / 8) * 8
+  yield "identical scores", grid, np.full(n, 0.5, np.float32), classes
+  # IoU exactly at the threshold: 6 px wide boxes 2 px apart overlap neighbours with IoU exactly
+  # 0.5 (4 / 8, exact in float32); they are NOT suppressed ('>').
+  x = np.arange(n, dtype=np.float32) * 2
+  at = np.stack([x, np.zeros(n, np.float32), x + 6, np.full(n, 10, np.float32)], 1)
+  yield "IoU at the threshold", at, np.linspace(1, 0, n, dtype=np.float32), np.zeros(n, np.int32)
+
+
+@pytest.mark.parametrize("max_detections", [7, 300])
+def test_tiled_nms_equals_rounds_nms_and_batched_nms(max_detections):
+  for name, boxes, scores, classes in _adversarial_sets():
+    reference = _nms(postprocess.class_wise_nms, boxes, scores, classes,
+                     max_detections=max_detections)
+    for tile in (64, postprocess.TILE):
+      tiled = _nms(postprocess.tiled_class_wise_nms, boxes, scores, classes,
+                   max_detections=max_detections, tile=tile)
+      np.testing.assert_array_equal(tiled, reference, err_msg=f"{name}, tile {tile}")
+    ok = np.isfinite(scores)
+    tv = torchvision.ops.batched_nms(torch.from_numpy(boxes[ok]), torch.from_numpy(scores[ok]),
+                                     torch.from_numpy(classes[ok]), 0.5).numpy()[:max_detections]
+    tv = np.nonzero(ok)[0][tv]
+    # torchvision's sort is not stable: among exactly tied scores it may keep another of the tied
+    # boxes; the kept boxes, classes and scores agree.
+    assert tiled.shape == tv.shape, name
+    for array in (boxes, scores, classes):
+      np.testing.assert_array_equal(np.sort(array[tiled], axis=0), np.sort(array[tv], axis=0),
+                                    err_msg=name)
+    if name == "random":
+      np.testing.assert_array_equal(tiled, tv)
+
+
+def test_golden_tiled_nms_at_the_threshold():
+  # IoU exactly 0.5 (B0, B1: 100 / 200) keeps both boxes; B2 has IoU 0.9 with B0: suppressed; B3
+  # (lower score than B4, IoU 0.9 with it) is suppressed by B4 across a tile boundary.
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 9], [50, 50, 60, 59],
+                    [50, 50, 60, 60]], np.float32)
+  scores = np.array([0.9, 0.8, 0.7, 0.5, 0.6], np.float32)
+  for tile in (1, 2, 5):
+    kept = _nms(postprocess.tiled_class_wise_nms, boxes, scores, np.zeros(5, np.int32),
+                max_detections=5, tile=tile)
+    np.testing.assert_array_equal(kept, [0, 1, 4])
+
+
+def test_postprocess_nms_modes_agree():
+  anchor_set = anchor_lib.generate_anchors((128, 128))
+  rng = np.random.default_rng(22)
+  logits = rng.normal(-3, 2, (2, anchor_set.num_anchors, 3)).astype(np.float32)
+  deltas = rng.normal(0, 0.2, (2, anchor_set.num_anchors, 4)).astype(np.float32)
+  hw = np.array([[128, 128], [100, 120]])
+  out = {mode: jax.jit(lambda c, d, h, mode=mode: postprocess.postprocess_detections(
+      c, d, anchors=anchor_set, image_hw=h, max_detections=300, nms_mode=mode))(logits, deltas, hw)
+         for mode in postprocess.NMS_MODES}
+  assert int(out["tiled"].valid.sum()) > 300  # many detections: the rounds run out of D
+  for field in ("boxes", "scores", "classes", "valid"):
+    np.testing.assert_array_equal(getattr(out["tiled"], field), getattr(out["rounds"], field))
+  with pytest.raises(ValueError, match="nms_mode"):
+    postprocess.postprocess_detections(logits, deltas, anchors=anchor_set, image_hw=hw,
+                                       nms_mode="fast")

@@ -64,6 +64,10 @@ class ProblemKind(enum.Enum):
   EMPTY_BOX = (Severity.SKIP, "box with non-positive width or height")
   BOX_OUTSIDE_IMAGE = (Severity.SKIP, "box outside the image by more than box_tolerance")
   INVALID_ISCROWD = (Severity.SKIP, "iscrowd is not 0 or 1")
+  # Readers of other annotation formats (annotation_readers.py: SKU-110K CSV, CARPK text files).
+  MALFORMED_ROW = (Severity.SKIP, "annotation row with the wrong number of columns or a "
+                   "non-numeric or inconsistent value")
+  UNKNOWN_IMAGE_FILE = (Severity.SKIP, "annotation names an image that is not in the image folder")
   DUPLICATE_CATEGORY_NAME = (Severity.WARNING, "two categories share a name")
 
   @property
@@ -104,6 +108,8 @@ class Report:
   images: dict[str, int] = dataclasses.field(default_factory=dict)  # kept, per split
   annotations: dict[str, int] = dataclasses.field(default_factory=dict)
   strict: bool = False
+  # split -> (largest number of boxes on one kept image, that image's id); set by `validate`.
+  largest_box_count: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
   def add(self, kind: ProblemKind, message: str, **ids) -> None:
     self.problems.append(Problem(kind, message, **ids))
@@ -146,9 +152,24 @@ class Report:
         lines.append(f"  {p.message}")
       if len(problems) > max_listed:
         lines.append(f"  ... and {len(problems) - max_listed} more (all in the report file)")
+    if self.largest_box_count:
+      lines.append(self.box_count_line())
     if self.fatal:
       lines.append(f"stopped: {len(self.fatal)} fatal problems; no dataset was written")
     return "\n".join(lines)
+
+  def suggested_max_boxes(self) -> int:
+    """`data.max_boxes` to train with: the largest box count of any split, rounded up to a
+    multiple of 100 (at least 100, the default)."""
+    largest = max((n for n, _ in self.largest_box_count.values()), default=0)
+    return max(100, -(-largest // 100) * 100)
+
+  def box_count_line(self) -> str:
+    per_split = ", ".join(f"{split} {n} (image id {image_id})"
+                          for split, (n, image_id) in self.largest_box_count.items())
+    return (f"largest box count per image: {per_split}; suggested cap: "
+            f"--config.data.max_boxes={self.suggested_max_boxes()} (boxes beyond data.max_boxes are "
+            f"left out of training and counted as truncated)")
 
   def to_json(self) -> dict:
     return {
@@ -164,6 +185,9 @@ class Report:
                      for kind, ps in self.by_kind().items()},
         "skipped_images": self.skipped_images,
         "skipped_annotations": self.skipped_annotations,
+        "largest_box_count": {split: {"boxes": n, "image_id": i}
+                              for split, (n, i) in self.largest_box_count.items()},
+        "suggested_max_boxes": self.suggested_max_boxes(),
     }
 
 
@@ -500,4 +524,7 @@ def validate(splits: Mapping[str, tuple[dict, Callable[[dict], bytes]]], *,
                      f"{result}", split=split, image_id=image_id, file_name=record["file_name"])
           continue
         kept[split].append((record, objects[image_id], result))
+  for split, images in kept.items():
+    if images:
+      report.largest_box_count[split] = max((len(objs), record["id"]) for record, objs, _ in images)
   return Validation(kept, first_categories or [], report)

@@ -37,6 +37,9 @@ COLOURS = (
     (245, 245, 245),  # white
 )
 SPLITS = ("train", "validation")
+# "scattered": the default (objects at random places, overlapping, occluding). "dense": shelves of
+# small objects side by side (SKU-110K-like: hundreds per image, neighbours touching).
+LAYOUTS = ("scattered", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,13 @@ class SyntheticConfig:
     class_colours: True: class k is always COLOURS[k] (shape and colour both identify it); False:
       random colours (only the shape identifies the class: harder).
     jpeg_quality: JPEG quality of the stored images.
+    layout: "scattered" (the default dataset) or "dense": the image is filled with shelves (rows of
+      random height) of objects packed side by side, each touching or within `dense_gap` pixels of
+      its neighbours, up to `max_objects` per image (min_objects, min_visible and
+      background_only_fraction do not apply). Object sides are drawn uniformly from
+      [min_object_size, max_object_fraction * image_size].
+    dense_gap: dense layout: the largest gap in pixels between neighbouring objects and shelves
+      (each gap is uniform in [0, dense_gap]; 0: every object touches its neighbours).
   """
 
   image_size: int = 128
@@ -83,8 +93,14 @@ class SyntheticConfig:
   colour_jitter: float = 25.0
   class_colours: bool = True
   jpeg_quality: int = 95
+  layout: str = dataclasses.field(default="scattered", metadata={"choices": LAYOUTS})
+  dense_gap: float = 1.0
 
   def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    if self.dense_gap < 0:
+      raise ValueError(f"dense_gap must be >= 0, got {self.dense_gap}")
     if not 6 <= self.num_classes <= len(SHAPES):
       raise ValueError(f"num_classes must be in 6..{len(SHAPES)}, got {self.num_classes}")
     if not 1 <= self.min_objects <= self.max_objects:
@@ -110,7 +126,10 @@ class SyntheticConfig:
 
   def fingerprint(self) -> str:
     """Short hash of every field: a changed knob names a different TFDS dataset."""
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    fields = dataclasses.asdict(self)
+    if self.layout == "scattered":  # fields added with the dense layout: the old names stay valid
+      del fields["layout"], fields["dense_gap"]
+    blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
@@ -196,14 +215,55 @@ def _sample_object(rng, config: SyntheticConfig):
   return label, (x0, y0, w, h), colour
 
 
+def _render_dense(rng: np.random.Generator, config: SyntheticConfig):
+  """The dense layout (SyntheticConfig.layout): shelves of touching objects; see render_image."""
+  size = config.image_size
+  image = _background(rng, config)
+  _draw_distractors(rng, image, config)
+  lo, hi = config.min_object_size, config.max_object_fraction * size
+  boxes, labels = [], []
+  y = float(rng.uniform(0, config.dense_gap + 1))
+  while len(boxes) < config.max_objects:
+    row_h = float(rng.uniform(lo, hi))
+    if y + row_h > size:
+      break
+    x = float(rng.uniform(0, config.dense_gap + 1))
+    while len(boxes) < config.max_objects:
+      w = float(rng.uniform(lo, hi))
+      h = float(np.clip(row_h * rng.uniform(0.8, 1.0), lo, row_h))
+      if x + w > size:
+        break
+      label, _, colour = _sample_object(rng, config)
+      y0 = y + row_h - h  # standing on the shelf
+      c0, c1 = int(np.floor(x)), int(np.ceil(x + w))
+      r0, r1 = int(np.floor(y0)), int(np.ceil(y0 + h))
+      yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32) + 0.5
+      u, v = (xx - x) / w * 2 - 1, (yy - y0) / h * 2 - 1
+      mask = _shape_mask(SHAPES[label], u, v)
+      if mask.sum() >= 4:
+        shade = 1 + 0.15 * (u * rng.uniform(-1, 1) + v * rng.uniform(-1, 1))
+        patch = image[r0:r1, c0:c1]
+        patch[mask] = colour[None, :] * shade[mask][:, None]
+        rows, cols = np.nonzero(mask)
+        boxes.append([c0 + cols.min(), r0 + rows.min(), c0 + cols.max() + 1, r0 + rows.max() + 1])
+        labels.append(label)
+      x += w + float(rng.uniform(0, config.dense_gap))
+    y += row_h + float(rng.uniform(0, config.dense_gap))
+  image = image + rng.normal(0, config.noise_std, size=image.shape)
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  return (image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32))
+
+
 def render_image(rng: np.random.Generator, config: SyntheticConfig):
-  """Draws one image.
+  """Draws one image (`config.layout`: scattered objects, or dense shelves of them).
 
   Returns:
     image: uint8 [S, S, 3].
     boxes: float32 [N, 4], [x1, y1, x2, y2] pixels, tight around each object's drawn pixels.
     labels: int32 [N] in 0..num_classes-1.
   """
+  if config.layout == "dense":
+    return _render_dense(rng, config)
   size = config.image_size
   image = _background(rng, config)
   _draw_distractors(rng, image, config)

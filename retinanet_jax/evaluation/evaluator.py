@@ -28,6 +28,7 @@ from retinanet_jax import config as config_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.evaluation import coco
+from retinanet_jax.evaluation import counting
 from retinanet_jax.evaluation import miss_rate
 from retinanet_jax.models import preprocessing
 from retinanet_jax.train_state import DATA_AXIS
@@ -46,7 +47,7 @@ def eval_step(graphdef, params, rest, batch: dict, *, anchor_set: anchor_lib.Anc
   return postprocess.postprocess_detections(
       cls_logits, box_deltas, anchors=anchor_set, image_hw=batch["image_hw"],
       score_threshold=e.score_threshold, topk_candidates=e.topk_candidates,
-      nms_threshold=e.nms_threshold, max_detections=e.max_detections)
+      nms_threshold=e.nms_threshold, max_detections=e.max_detections, nms_mode=e.nms_mode)
 
 
 def compile_eval_step(graphdef, *, anchor_set, input_convention, eval_config, mesh):
@@ -77,6 +78,8 @@ class Evaluator:
     step_fn: the compiled eval step, `(params, rest, batch) -> Detections`.
     max_dets, backend: the COCO evaluation's maxDets and engine (`config.EvalConfig`).
     metric, miss_rate_category: 'coco' or 'miss_rate' (pedestrian MR^-2) and its category.
+    count_threshold: score threshold of the counting metrics (evaluation/counting.py); None:
+      chosen on this split.
   """
 
   eval_input: Any
@@ -87,6 +90,7 @@ class Evaluator:
   backend: str = "pycocotools"
   metric: str = "coco"
   miss_rate_category: str = ""
+  count_threshold: float | None = None
 
   @classmethod
   def for_data(cls, data_config, *, eval_config: config_lib.EvalConfig, graphdef, description,
@@ -111,7 +115,8 @@ class Evaluator:
     return cls(eval_input=eval_input, ground_truth=ground_truth,
                label_map=description.label_map, step_fn=step_fn,
                max_dets=tuple(eval_config.max_dets), backend=eval_config.backend,
-               metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category)
+               metric=eval_config.metric, miss_rate_category=eval_config.miss_rate_category,
+               count_threshold=eval_config.count_score_threshold)
 
   @property
   def num_images(self) -> int:
@@ -125,7 +130,8 @@ class Evaluator:
   def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
     """`(result, coco_detections)` over the whole evaluation split, once: a `coco.CocoResult` (the
     summary at `max_dets`, AP per category) or, with metric 'miss_rate', a
-    `miss_rate.MissRateResult`.
+    `miss_rate.MissRateResult`. A `CocoResult`'s `metrics` also hold the counting metrics
+    `count_mae`, `count_rmse`, `count_threshold`, `count_threshold_chosen` (evaluation/counting.py).
 
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
@@ -155,8 +161,11 @@ class Evaluator:
     if self.metric == "miss_rate":
       return miss_rate.evaluate_miss_rate(self.ground_truth, detections,
                                           category=self.miss_rate_category), detections
-    return coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
-                                    backend=self.backend), detections
+    result = coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
+                                      backend=self.backend)
+    result.metrics.update(counting.count_metrics(self.ground_truth, detections,
+                                                 threshold=self.count_threshold))
+    return result, detections
 
 
 def replicate(tree, mesh):

@@ -85,3 +85,30 @@ def test_default_dataset_builds_in_under_a_minute_and_only_once(tmp_path):
   assert lm.category_ids == (1, 2, 3, 4, 5, 6) and lm.names[1] == "green_circle"
   gt = coco_ground_truth(c)
   assert len(gt["images"]) == 300 and len(gt["annotations"]) > 600
+
+
+def test_dense_layout_packs_hundreds_of_small_touching_objects():
+  config = SyntheticConfig(image_size=192, layout="dense", min_object_size=10,
+                           max_object_fraction=0.1, max_objects=400, dense_gap=1.0)
+  touching = 0
+  for i in range(3):
+    image, boxes, labels = synthetic.render_image(np.random.default_rng([4, i]), config)
+    assert image.shape == (192, 192, 3) and image.dtype == np.uint8
+    assert 120 <= len(boxes) <= 400 and set(labels.tolist()) == set(range(6))
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 192).all()
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    assert sides.max() <= 20  # small: 10-19 px cells, boxes tight around the drawn pixels
+    iou = _iou_matrix(boxes)
+    np.fill_diagonal(iou, 0)
+    assert iou.max() == 0  # side by side, never overlapping
+    # Neighbours in a shelf: the next box starts at most dense_gap + 1 px after the previous ends.
+    gaps = boxes[1:, 0] - boxes[:-1, 2]
+    same_shelf = np.abs(boxes[1:, 3] - boxes[:-1, 3]) <= 1  # standing on one shelf line
+    touching += int(((gaps >= 0) & (gaps <= 2) & same_shelf).sum())
+  assert touching > 200
+  # The dense knobs name another dataset; the scattered layout's names do not depend on them (the
+  # datasets built before the dense layout existed keep their names).
+  assert config.fingerprint() != SyntheticConfig(image_size=192).fingerprint()
+  assert SyntheticConfig().fingerprint() == SyntheticConfig(dense_gap=5.0).fingerprint()
+  with pytest.raises(ValueError, match="layout"):
+    SyntheticConfig(layout="grid")
