@@ -96,19 +96,33 @@ def setup(*, verbose: bool = False, log_path: Optional[str] = None) -> None:
 
 
 def _quiet_unraisable(default):
-  """A `sys.unraisablehook` that sends tensorstore's late callbacks after a failed read
-  ("RuntimeError: Event loop is closed", dozens of tracebacks once a damaged checkpoint has been
-  reported) to the log file; every other unraisable exception goes to `default`."""
+  """A `sys.unraisablehook` that sends the late leftovers of a failed checkpoint read to the log
+  file: tensorstore's callbacks ("RuntimeError: Event loop is closed") and orbax's read coroutines
+  that are collected after the read was abandoned ("Exception ignored in: <coroutine
+  _read_array_index_and_device_put>", dozens of tracebacks once a damaged checkpoint has been
+  reported, at a moment set by the garbage collector). Every other unraisable exception goes to
+  `default`."""
 
   def hook(unraisable):
     error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    if ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+        or _raised_in_checkpoint_io(unraisable.exc_traceback)):
       to_log_file(f"(ignored after a failed read) {type(error).__name__}: {error}")
       return
     default(unraisable)
 
   hook._retinanet_console = True  # pylint: disable=protected-access
   return hook
+
+
+def _raised_in_checkpoint_io(traceback) -> bool:
+  """Whether a traceback passes through orbax's or tensorstore's files."""
+  while traceback is not None:
+    filename = traceback.tb_frame.f_code.co_filename.replace(os.sep, "/")
+    if "/orbax/" in filename or "/tensorstore/" in filename:
+      return True
+    traceback = traceback.tb_next
+  return False
 
 
 def to_log_file(text: str) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 from retinanet_jax import console
 from tests.helpers import runs
@@ -60,3 +61,30 @@ def test_the_progress_line_is_drawn_on_a_terminal_only():
                                  "\rEvaluating 8 images: 1/2 batches\x1b[K\r\x1b[K")
   assert "\n" not in terminal.getvalue()  # one line, rewritten
   assert list(console.progress(range(3), desc="x", total=3)) == [0, 1, 2]
+
+
+def test_leftovers_of_a_failed_checkpoint_read_go_to_the_log_file(tmp_path, monkeypatch):
+  log_path = str(tmp_path / "log.txt")
+  monkeypatch.setitem(console._state, "log_path", log_path)  # pylint: disable=protected-access
+  passed_on = []
+  hook = console._quiet_unraisable(passed_on.append)  # pylint: disable=protected-access
+
+  def unraisable_from(filename):
+    code = compile("raise Exception('Encountered error while reading array index')", filename,
+                   "exec")
+    try:
+      exec(code, {})  # pylint: disable=exec-used
+    except Exception as error:  # pylint: disable=broad-except
+      return types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                   exc_traceback=error.__traceback__, err_msg=None, object=None)
+    raise AssertionError("not raised")
+
+  hook(unraisable_from("/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py"))
+  hook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                             exc_traceback=None, err_msg=None, object=None))
+  assert passed_on == []
+  with open(log_path) as f:
+    assert f.read().count("(ignored after a failed read)") == 2
+  ours = unraisable_from("/work/retinanet_jax/train.py")
+  hook(ours)
+  assert passed_on == [ours]  # anything else still reaches Python's default hook
