@@ -14,9 +14,12 @@ per-level top-k and class-wise NMS (`postprocess.py`), exactly as `models.retina
 `scale = 1`. Outputs: `D = max_detections` rows per image in descending score order, boxes
 `[x1, y1, x2, y2]` in the pixels of `images` (clipped to the valid size), `classes` the contiguous
 class index `0..K-1` (map it with `labels.json`), rows where `valid` is False are padding (zero box,
-score 0, class -1). Resizing a photo to the canvas is the caller's: divide the boxes by the resize
-factor to return to the photo's pixels. `H, W` are fixed at export (the anchors are constants of the
-graph); `B` is symbolic (any batch) in StableHLO unless a fixed size is asked for, and fixed in a
+score 0, class -1). Resizing a photo to the canvas is the caller's, as the model's geometry says
+(`input_resize`, written to `signature.json`): 'resize' keeps the aspect ratio (divide the boxes by
+the resize factor to return to the photo's pixels); 'fixed' (a `data.mode='fixed'` model, e.g.
+SARDet-100K's) stretches every photo to `S x S` (`image_hw = [S, S]`), and the boxes return per axis:
+x / sx and y / sy with `sx = S / photo width`, `sy = S / photo height`. `H, W` are fixed at export
+(the anchors are constants of the graph; `default_image_size`: `S x S` for a 'fixed' model); `B` is symbolic (any batch) in StableHLO unless a fixed size is asked for, and fixed in a
 SavedModel (TensorFlow 2.21 cannot run the symbolic-batch module, `export_saved_model`) and in ONNX.
 
 `export_model(loaded, output_dir, *, fmt, ...)` writes into a new (or empty) `output_dir`:
@@ -24,7 +27,8 @@ SavedModel (TensorFlow 2.21 cannot run the symbolic-batch module, `export_saved_
   model.stablehlo   `jax.export.Exported.serialize()` bytes     (fmt 'stablehlo')
   saved_model/      SavedModel, signature 'serving_default'     (fmt 'savedmodel')
   model.onnx        ONNX model (opset 23), inputs and outputs named as above (fmt 'onnx')
-  signature.json    the inputs and outputs above, the thresholds, the format
+  signature.json    the inputs and outputs above, the thresholds, the format, and `input_resize`:
+                    how to resize a photo into the canvas and map the boxes back (`input_resize`)
   description.json  the model description (`model_description.ModelDescription.to_json()`)
   labels.json       `[{"class": k, "category_id": ..., "name": ...}]`
 
@@ -50,6 +54,7 @@ from retinanet_jax import postprocess
 from retinanet_jax.models import preprocessing
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
+DEFAULT_IMAGE_SIZE = (800, 1344)  # torchvision's 800/1333 resize, padded to a multiple of 32
 STABLEHLO_FILE, SAVED_MODEL_DIR = "model.stablehlo", "saved_model"
 SIGNATURE_FILE, DESCRIPTION_FILE, LABELS_FILE = "signature.json", "description.json", "labels.json"
 OUTPUT_NAMES = ("boxes", "scores", "classes", "valid")
@@ -74,7 +79,7 @@ class ExportSpec:
     score_threshold, topk_candidates, nms_threshold, max_detections: `postprocess_detections`'s.
   """
 
-  image_size: tuple[int, int] = (800, 1344)
+  image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
   batch_size: Optional[int] = None
   score_threshold: float = 0.05
   topk_candidates: int = 1000
@@ -105,6 +110,42 @@ class ExportSpec:
         "score_threshold": self.score_threshold, "topk_candidates": self.topk_candidates,
         "nms_threshold": self.nms_threshold, "max_detections": self.max_detections,
     }
+
+
+def default_image_size(description) -> tuple[int, int]:
+  """The canvas `(H, W)` for `description`'s model unless one is asked for: a 'fixed' model's
+  `(S, S)` (every input is stretched to it), else `DEFAULT_IMAGE_SIZE`."""
+  geometry = description.geometry
+  if geometry is not None and geometry.mode == "fixed":
+    return geometry.image_size, geometry.image_size
+  return DEFAULT_IMAGE_SIZE
+
+
+def input_resize(description) -> dict:
+  """How a caller prepares the exported function's input from a photo of `h x w` pixels and maps
+  its boxes back to the photo's pixels, from the model's geometry (`model_description.Geometry`;
+  converted weights record none: torchvision's 800/1333). `signature.json`'s "input_resize"."""
+  geometry = description.geometry
+  if geometry is not None and geometry.mode == "fixed":
+    side = geometry.image_size
+    return {
+        "mode": "fixed", "image_size": [side, side],
+        "resize": f"stretch every photo to {side} x {side} (bilinear; the aspect ratio is not kept, "
+                  f"as in training) at the top-left of the canvas; image_hw = [{side}, {side}]",
+        "boxes_to_photo": f"per axis: sx = {side} / w, sy = {side} / h; x1 / sx, y1 / sy, x2 / sx, "
+                          f"y2 / sy",
+    }
+  min_size, max_size = (800, 1333) if geometry is None else (geometry.min_size, geometry.max_size)
+  return {
+      "mode": "resize", "min_size": min_size, "max_size": max_size,
+      "from": "torchvision's defaults (the model records no geometry)" if geometry is None
+              else "the model's training (its evaluation resize)",
+      "resize": f"keep the aspect ratio: s = min({min_size} / min(h, w), {max_size} / max(h, w)), "
+                f"resize to (floor(h * s), floor(w * s)) (bilinear) at the top-left of the canvas "
+                f"(which must hold it); image_hw = that size",
+      "boxes_to_photo": "divide x by sx = resized width / w and y by sy = resized height / h (both "
+                        "about s)",
+  }
 
 
 def network_function(loaded, *, spec: ExportSpec):
@@ -228,7 +269,8 @@ def write_side_files(output_dir: str, description, *, spec: ExportSpec, fmt: str
   label_map = description.label_map
   nms = ("ONNX NonMaxSuppression (export_onnx.py)" if fmt == "onnx"
          else "retinanet_jax.postprocess.class_wise_nms")
-  signature = {"format": fmt, "dtype": dtype, **spec.signature(), "nms": nms}
+  signature = {"format": fmt, "dtype": dtype, **spec.signature(), "nms": nms,
+               "input_resize": input_resize(description)}
   files = {SIGNATURE_FILE: signature, DESCRIPTION_FILE: description.to_json(),
            LABELS_FILE: [{"class": k, "category_id": int(c), "name": n}
                          for k, (c, n) in enumerate(zip(label_map.category_ids, label_map.names))]}
@@ -237,12 +279,22 @@ def write_side_files(output_dir: str, description, *, spec: ExportSpec, fmt: str
       json.dump(obj, f, indent=1)
 
 
-def check_request(output_dir: str, *, fmt: str, spec: ExportSpec, dtype: str = "float32") -> None:
+def check_request(output_dir: str, *, fmt: str, spec: ExportSpec, dtype: str = "float32",
+                  description=None) -> None:
   """Raises (ValueError, FileExistsError, ImportError) before any work if `export_model` cannot
   write this artifact: unknown format, `output_dir` not new or empty, a symbolic batch for a format
-  that needs a fixed one, ONNX in bfloat16 or without jax2onnx / onnx installed."""
+  that needs a fixed one, ONNX in bfloat16 or without jax2onnx / onnx installed, and (when the model
+  `description` is given) a canvas smaller than a 'fixed' model's `S x S` input."""
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+  geometry = None if description is None else description.geometry
+  if geometry is not None and geometry.mode == "fixed" and (
+      spec.image_size[0] < geometry.image_size or spec.image_size[1] < geometry.image_size):
+    raise ValueError(f"the model stretches every image to {geometry.image_size} x "
+                     f"{geometry.image_size} (geometry mode 'fixed'), which a canvas of "
+                     f"{spec.image_size[0]} x {spec.image_size[1]} cannot hold; give --image_size="
+                     f"{geometry.image_size},{geometry.image_size} (the default for this model) or "
+                     f"larger")
   if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
     raise FileExistsError(f"{output_dir} exists and is not an empty directory; give a new --output "
                           f"(export never overwrites files)")
@@ -262,7 +314,7 @@ def export_model(loaded, output_dir: str, *, fmt: str, spec: ExportSpec,
   """Writes the artifact of format `fmt` (a key of `FORMATS`) and its side files into `output_dir`,
   which must not exist or be empty (nothing is overwritten). `loaded`: a `checkpoints.LoadedModel`
   (`dtype` is only recorded: load the model with the dtype wanted)."""
-  check_request(output_dir, fmt=fmt, spec=spec, dtype=dtype)
+  check_request(output_dir, fmt=fmt, spec=spec, dtype=dtype, description=loaded.description)
   os.makedirs(output_dir, exist_ok=True)
   if fmt == "stablehlo":
     exported = export_stablehlo(loaded, spec=spec)

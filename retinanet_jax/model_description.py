@@ -9,8 +9,10 @@ converted weights (`description.json`) alike (`checkpoints.py`):
   anchors           `AnchorConfig`: the anchors the heads were trained for.
   input_convention  the normalization of the network's input (models/preprocessing.py).
   label_map         contiguous class -> dataset category id and name (`data.LabelMap`).
-  geometry          the evaluation resize of the training data (`Geometry`), the default of
-                    scripts/detect.py; None for converted weights (torchvision's 800/1333/32 then).
+  geometry          the evaluation resize of the training data (`Geometry`: 'resize' keeping the
+                    aspect ratio, or 'fixed', stretched to a square), the default of
+                    scripts/detect.py and what scripts/export.py's side files tell a deployer; None
+                    for converted weights ('resize' with torchvision's 800/1333/32 then).
   source            where the weights came from: `{'format': 'training', 'step': N}` or
                     `{'format': 'torchvision_v1', 'file': ..., 'class_mapping': ...}`.
 
@@ -30,18 +32,52 @@ from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.models import preprocessing
 from retinanet_jax.models import retinanet as retinanet_lib
 
-FORMAT_VERSION = 2
+# 3: `geometry.mode` and `geometry.image_size` (descriptions of version 2 have neither: 'resize').
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KINDS = ("retinanet", "backbone")
+GEOMETRY_MODES = ("resize", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """The evaluation resize: short side `min_size`, long side at most `max_size`, padded to a multiple
-  of `pad_multiple`."""
+  """How an image is resized for the model (the evaluation resize of its training data).
+
+  mode 'resize' (default; data.mode 'resize' and 'lsj'): aspect ratio kept, short side `min_size`,
+    long side at most `max_size` (torchvision's inference resize); boxes map back to the image's
+    pixels by dividing by the resize factor. `image_size` is None.
+  mode 'fixed' (data.mode 'fixed', SARDet-100K's keep_ratio=False): every image stretched to
+    `image_size x image_size` whatever its aspect ratio; boxes map back per axis: x / sx, y / sy with
+    `sx = image_size / width`, `sy = image_size / height`. `min_size` and `max_size` are not used
+    (training writes them equal to `image_size`).
+  Either way the resized image is zero-padded at the bottom/right to a multiple of `pad_multiple`.
+  Descriptions written before the mode was recorded (format_version 1 and 2) read as 'resize'.
+  """
 
   min_size: int = 800
   max_size: int = 1333
   pad_multiple: int = 32
+  mode: str = "resize"
+  image_size: Optional[int] = None
+
+  def __post_init__(self):
+    if self.mode not in GEOMETRY_MODES:
+      raise ValueError(f"geometry.mode must be one of {GEOMETRY_MODES}, got {self.mode!r}")
+    if self.mode == "fixed":
+      if (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+          or self.image_size < 1):
+        raise ValueError(f"geometry.image_size must be a positive integer in mode 'fixed' (the "
+                         f"side of the stretched square), got {self.image_size!r}")
+    elif self.image_size is not None:
+      raise ValueError(f"geometry.image_size is the side of mode 'fixed'; mode {self.mode!r} takes "
+                       f"none, got {self.image_size!r}")
+
+  def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+    """The `(h, w)` an image of `height x width` pixels is resized to (before padding)."""
+    if self.mode == "fixed":
+      return self.image_size, self.image_size
+    return preprocessing.torchvision_resized_size(height, width, min_size=self.min_size,
+                                                  max_size=self.max_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +123,12 @@ class ModelDescription:
   @classmethod
   def from_json(cls, obj: dict, *, where: str = "description") -> ModelDescription:
     """From `to_json()`'s dict, or from the `metadata.json` of a converted checkpoint of the first
-    release (format_version 1: its model config also held `conv_kernel_gradient`, dropped here)."""
+    release (format_version 1: its model config also held `conv_kernel_gradient`, dropped here).
+    A geometry without `mode` (versions 1 and 2) reads as 'resize'."""
     version = obj.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-      raise ValueError(f"{where}: format_version {version!r}; this release reads 1 and "
-                       f"{FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+      raise ValueError(f"{where}: format_version {version!r}; this release reads "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
       model = retinanet_lib.RetinaNetConfig.from_mapping(obj["model"])  # drops LEGACY_FIELDS
       anchors = typed_config.from_mapping(anchor_lib.AnchorConfig, obj["anchors"], prefix="anchors.")

@@ -176,13 +176,18 @@ def create_train_state(config: config_lib.Config, mesh: jax.sharding.Mesh, *,
 
 
 def describe(config: config_lib.Config, label_map) -> description_lib.ModelDescription:
-  """The `ModelDescription` of the model `config` trains, with the dataset's `label_map`."""
+  """The `ModelDescription` of the model `config` trains, with the dataset's `label_map`.
+
+  Its geometry is the evaluation resize: data.mode 'resize' -> 'resize' (eval_min_size, max_size);
+  'lsj' -> 'resize' fitting the image into image_size x image_size (LSJ's evaluation scale);
+  'fixed' -> 'fixed' (stretched to image_size x image_size)."""
   d = config.data
   side = d.eval_min_size if d.mode == "resize" else d.image_size
   longest = d.max_size if d.mode == "resize" else d.image_size
+  fixed = dict(mode="fixed", image_size=int(d.image_size)) if d.mode == "fixed" else {}
   return description_lib.ModelDescription(
       kind="retinanet", model=config.model, anchors=config.anchors,
       input_convention=config.input_convention, label_map=label_map,
       geometry=description_lib.Geometry(min_size=side, max_size=longest,
-                                        pad_multiple=d.pad_multiple),
+                                        pad_multiple=d.pad_multiple, **fixed),
       source={"format": "training"})

@@ -4,8 +4,12 @@
 
 Preprocessing is torchvision's `GeneralizedRCNNTransform` at inference: resize (bilinear, float32) so
 that the short side is --min_size (800) and the long side at most --max_size (1333), normalize, pad to a
-multiple of --size_divisible (32, as torchvision; the training pipeline pads to 128). Images are run one
-at a time (a new size compiles once). Writes, in --output:
+multiple of --size_divisible (32, as torchvision; the training pipeline pads to 128). A model trained
+with `data.mode='fixed'` (its description's geometry mode 'fixed', e.g. configs/sardet_r50.py) gets
+every image stretched to its training side S x S instead, aspect ratio not kept, as in its training;
+--min_size and --max_size do not apply to it. Boxes are mapped back to the image's pixels per axis in
+float64 (x * w / w', y * h / h' for an image of h x w resized to h' x w'). Images are run one at a
+time (a new size compiles once). Writes, in --output:
   * `<image stem>.detections.png`: the image with the detections scoring >= --draw_threshold and, at
     its top-left corner, the image's object count (below); two inputs
     with the same stem (`a/cat.png`, `b/cat.jpg`) get `cat.detections.png` and `cat-2.detections.png`;
@@ -41,7 +45,8 @@ flags.DEFINE_string("checkpoint", None, "Converted weights (scripts/convert_weig
                     "workdir, or one step's folder.")
 flags.DEFINE_string("output", None, "Directory for the PNGs and JSON files.")
 flags.DEFINE_integer("min_size", 800, "Short side after resizing (default: the training run's "
-                     "evaluation size; 800 for converted weights).")
+                     "evaluation size; 800 for converted weights). Not for a 'fixed' model (its "
+                     "images are stretched to its training side).")
 flags.DEFINE_integer("max_size", 1333, "Largest long side after resizing (default: as --min_size; "
                      "1333).")
 flags.DEFINE_integer("size_divisible", 32, "Pad height and width to a multiple of this (default: "
@@ -118,11 +123,15 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from retinanet_jax import checkpoints, visualization  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.model_description import Geometry  # pylint: disable=import-outside-toplevel
   from retinanet_jax.models import preprocessing, retinanet  # pylint: disable=import-outside-toplevel
 
   loaded = checkpoints.load_model(checkpoint, dtype=dtype)
   model = loaded.module()
   description = loaded.description
+  geometry = description.geometry  # a 'fixed' model is stretched as in its training
+  if geometry is None or geometry.mode != "fixed":
+    geometry = Geometry(min_size=min_size, max_size=max_size, pad_multiple=size_divisible)
   anchor_config, convention = description.anchors, description.input_convention
   category_ids, names_of = description.label_map.category_ids, description.label_map.names
   os.makedirs(output, exist_ok=True)
@@ -132,17 +141,16 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   for path, image_id, name in zip(paths, image_ids(paths), names):
     original = read_image(path)
     height, width = original.shape[:2]
-    size = preprocessing.torchvision_resized_size(height, width, min_size=min_size,
-                                                  max_size=max_size)
+    size = geometry.resized_hw(height, width)
     resized = preprocessing.resize_bilinear(original, size)
     batch, image_hw = preprocessing.batch_images([resized], size_divisible=size_divisible)
-    scale = np.array([[size[0] / height, size[1] / width]], np.float32)
-    detections = jax.device_get(retinanet.detect(
-        model, batch, image_hw, scale, anchor_config=anchor_config,
+    detections = jax.device_get(retinanet.detect(  # boxes in the resized image's pixels (scale 1)
+        model, batch, image_hw, np.ones((1, 2), np.float32), anchor_config=anchor_config,
         convention=convention, score_threshold=score_threshold,
         max_detections=max_detections))
     valid = detections.valid[0]
-    boxes, scores = detections.boxes[0][valid], detections.scores[0][valid]
+    back = np.array([width / size[1], height / size[0]] * 2)  # per axis, float64
+    boxes, scores = detections.boxes[0][valid].astype(np.float64) * back, detections.scores[0][valid]
     classes = detections.classes[0][valid]
     count = int(np.sum(scores >= count_threshold))
     images_info.append({"id": image_id, "file_name": os.path.basename(path), "path": path,
@@ -177,6 +185,12 @@ def main(argv):
     defaults = dict(min_size=geometry.min_size, max_size=geometry.max_size,
                     size_divisible=geometry.pad_multiple)
     sizes = {k: v if FLAGS[k].present else defaults[k] for k, v in sizes.items()}
+    given = [f"--{k}" for k in ("min_size", "max_size") if FLAGS[k].present]
+    if geometry.mode == "fixed" and given:
+      raise app.UsageError(
+          f"{FLAGS.checkpoint} was trained with every image stretched to {geometry.image_size} x "
+          f"{geometry.image_size} (geometry mode 'fixed'): detect.py stretches images the same way, "
+          f"and {' and '.join(given)} (the aspect-preserving resize) do not apply; leave them out")
   detect_files(argv[1:], checkpoint=FLAGS.checkpoint, output=FLAGS.output, **sizes,
                score_threshold=FLAGS.score_threshold, max_detections=FLAGS.max_detections,
                draw_threshold=FLAGS.draw_threshold, dtype=FLAGS.dtype,

@@ -10,7 +10,10 @@
 The artifact takes uint8 images `[B, H, W, 3]` (each image at the top-left of the H x W canvas) and
 their valid sizes int32 `[B, 2]`, and returns boxes `[B, D, 4]` in the canvas' pixels, scores, class
 indices and a validity mask (retinanet_jax/export.py). `signature.json`, `description.json` and
-`labels.json` are written next to it. --output must be new or empty: nothing is overwritten.
+`labels.json` are written next to it; `signature.json`'s `input_resize` says how to resize a photo into
+the canvas and map the boxes back (a model trained with `data.mode='fixed'`: stretch to S x S, boxes
+back per axis). --output must be new or empty: nothing is overwritten.
+--image_size: default 800,1344, or S,S for a 'fixed' model (the side it was trained at).
 --batch_size: 'dynamic' (StableHLO's default: any batch) or N (SavedModel and ONNX need N; default 1).
 ONNX needs jax2onnx and onnx (README "Deploy"); its NMS is ONNX's NonMaxSuppression op.
 """
@@ -27,7 +30,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights, a training workdir or one step's folder.")
 flags.DEFINE_enum("format", None, ["stablehlo", "savedmodel", "onnx"], "Artifact format.")
 flags.DEFINE_string("output", None, "New or empty directory to write.")
-flags.DEFINE_list("image_size", ["800", "1344"], "H,W of the input canvas (fixed in the artifact).")
+flags.DEFINE_list("image_size", ["800", "1344"], "H,W of the input canvas (fixed in the artifact; "
+                  "default for a model trained with data.mode='fixed': S,S, its side).")
 flags.DEFINE_string("batch_size", None, "N or 'dynamic' (default: dynamic for stablehlo, 1 for "
                     "savedmodel and onnx).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype of the network "
@@ -59,19 +63,27 @@ def main(argv):
   from retinanet_jax import checkpoints, export  # pylint: disable=import-outside-toplevel
 
   try:
-    spec = export.ExportSpec(image_size=tuple(int(s) for s in FLAGS.image_size),
+    description = checkpoints.locate(FLAGS.checkpoint).description
+    image_size = (tuple(int(s) for s in FLAGS.image_size) if FLAGS["image_size"].present
+                  else export.default_image_size(description))
+    spec = export.ExportSpec(image_size=image_size,
                              batch_size=parse_batch_size(FLAGS.batch_size, FLAGS.format),
                              score_threshold=FLAGS.score_threshold,
                              topk_candidates=FLAGS.topk_candidates,
                              nms_threshold=FLAGS.nms_threshold, max_detections=FLAGS.max_detections)
-    export.check_request(FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
+    export.check_request(FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype,
+                         description=description)
     loaded = checkpoints.load_model(FLAGS.checkpoint, dtype=FLAGS.dtype)
     export.export_model(loaded, FLAGS.output, fmt=FLAGS.format, spec=spec, dtype=FLAGS.dtype)
   except (ValueError, FileExistsError, ImportError) as e:
     if errors.exit_code_of(e) is not None:  # a checkpoint (4) or an existing output (6)
       raise
     raise app.UsageError(str(e)) from None
-  print(f"wrote {FLAGS.output} ({FLAGS.format}, input uint8 {spec.signature()['inputs']['images']['shape']})")
+  resize = export.input_resize(description)
+  fixed = (f"; stretch each photo to {resize['image_size'][0]} x {resize['image_size'][1]}, boxes "
+           f"back per axis (signature.json)" if resize["mode"] == "fixed" else "")
+  print(f"wrote {FLAGS.output} ({FLAGS.format}, input uint8 {spec.signature()['inputs']['images']['shape']}"
+        f"{fixed})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """scripts/detect.py: a converted torchvision checkpoint, image files of arbitrary sizes; the JSON must
 agree with torchvision's model(images) on the same weights, and the command must never overwrite a
-file (inputs, earlier outputs), keep duplicate names apart, give unique ids and a quiet console."""
+file (inputs, earlier outputs), keep duplicate names apart, give unique ids and a quiet console. A
+model whose description says 'fixed' (data.mode='fixed') gets its images stretched and its boxes
+mapped back per axis, against float64 NumPy."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,13 +20,16 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNet as TorchRetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from retinanet_jax import weights
+from retinanet_jax import checkpoints, visualization, weights
+from retinanet_jax.model_description import Geometry
+from retinanet_jax.models import preprocessing, retinanet
 from scripts import detect as detect_script  # one module object: its absl flags are defined once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETECT = os.path.join(REPO, "scripts", "detect.py")
 MIN_SIZE, MAX_SIZE = 96, 160
 SIZES = dict(min_size=MIN_SIZE, max_size=MAX_SIZE)
+FIXED = 96  # the side of the 'fixed' model's square
 
 
 
@@ -193,3 +199,80 @@ def test_console_is_quiet_unless_verbose(converted, tmp_path):
   assert quiet.splitlines() == [expected], quiet
   loud = run(f"--output={tmp_path / 'loud'}", "--verbose")  # Orbax's and the backends' INFO lines
   assert "orbax-checkpoint version" in loud and len(loud.splitlines()) > 2, loud
+
+
+@pytest.fixture(scope="module")
+def fixed_model(converted, tmp_path_factory):
+  """The converted weights saved again with a description whose geometry is 'fixed' (every image
+  stretched to FIXED x FIXED, as a configs/sardet_r50.py run describes itself)."""
+  checkpoint, _ = converted
+  state, description = checkpoints.read_model_state(checkpoint)
+  assert description.geometry is None  # converted weights: 'resize' with torchvision's sizes
+  geometry = Geometry(min_size=FIXED, max_size=FIXED, pad_multiple=32, mode="fixed",
+                      image_size=FIXED)
+  path = str(tmp_path_factory.mktemp("fixed_ckpt") / "ckpt")
+  checkpoints.save_model(path, state, dataclasses.replace(description, geometry=geometry))
+  return path
+
+
+def test_a_fixed_model_stretches_and_maps_boxes_back_per_axis(fixed_model, tmp_path):
+  """The network must see each photo stretched to FIXED x FIXED (torch's bilinear resize; the
+  default min_size/max_size of detect_files, 800/1333, must not apply), and each box in the stretched
+  frame must come back as x * w0 / FIXED, y * h0 / FIXED (float64), drawn on the original photo."""
+  originals = _originals()  # 71 x 103 (wide) and 130 x 57 (tall): each axis its own factor
+  paths = [_write(tmp_path, "wide.png", originals[0]), _write(tmp_path, "tall.png", originals[1])]
+  out = tmp_path / "out"
+  results = detect_script.detect_files(paths, checkpoint=fixed_model, output=str(out),
+                                       draw_threshold=0.1, max_detections=300)
+  loaded = checkpoints.load_model(fixed_model)
+  for image_id, original in enumerate(originals):
+    h0, w0 = original.shape[:2]
+    stretched = preprocessing.resize_bilinear(original, (FIXED, FIXED))
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(original).permute(2, 0, 1)[None].float(), size=(FIXED, FIXED),
+        mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(stretched, reference, rtol=0, atol=1e-3)
+    net = retinanet.detect(loaded.module(), stretched[None], np.array([[FIXED, FIXED]], np.int32),
+                           np.ones((1, 2), np.float32), anchor_config=loaded.description.anchors,
+                           convention=loaded.description.input_convention, max_detections=300)
+    valid = np.asarray(net.valid[0])
+    n = np.asarray(net.boxes[0])[valid].astype(np.float64)  # [x1, y1, x2, y2] in the square
+    x1, y1, x2, y2 = n[:, 0] * w0 / FIXED, n[:, 1] * h0 / FIXED, n[:, 2] * w0 / FIXED, n[:, 3] * h0 / FIXED
+    ours = [r for r in results if r["image_id"] == image_id]
+    assert 5 < len(ours) == valid.sum() < 300
+    np.testing.assert_allclose([r["bbox"] for r in ours],
+                               np.stack([x1, y1, x2 - x1, y2 - y1], axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal([r["score"] for r in ours], np.asarray(net.scores[0])[valid])
+    assert max(r["bbox"][0] + r["bbox"][2] for r in ours) <= w0  # clipped to the photo
+    assert max(r["bbox"][1] + r["bbox"][3] for r in ours) <= h0
+    # The picture is the original photo with the mapped boxes (those scoring >= 0.1) drawn on it.
+    shown = np.asarray(net.scores[0])[valid] >= 0.1
+    assert 0 < shown.sum()
+    expected = visualization.draw_detections(
+        original, np.stack([x1, y1, x2, y2], axis=1)[shown], np.asarray(net.classes[0])[valid][shown],
+        np.asarray(net.scores[0])[valid][shown], names=loaded.description.label_map.names)
+    with Image.open(out / f"{('wide', 'tall')[image_id]}.detections.png") as picture:
+      assert picture.size == (w0, h0)
+      np.testing.assert_array_equal(np.asarray(picture.convert("RGB")), np.asarray(expected))
+
+
+def test_the_command_stretches_for_a_fixed_model_and_refuses_resize_flags(fixed_model, tmp_path):
+  """scripts/detect.py on the 'fixed' model: the description's geometry is the default (the same
+  detections as detect_files); --min_size is an aspect-preserving setting: refused (exit code 2)."""
+  path = _write(tmp_path, "photo.png", _originals()[1])
+  expected = detect_script.detect_files([path], checkpoint=fixed_model, output=str(tmp_path / "lib"))
+
+  def run(*flags):
+    return subprocess.run([sys.executable, DETECT, f"--checkpoint={fixed_model}", *flags, path],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+  done = run(f"--output={tmp_path / 'cmd'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / "cmd" / "detections.json") as f:
+    assert json.load(f) == expected
+  done = run(f"--output={tmp_path / 'refused'}", "--min_size=800")
+  assert done.returncode == 2, done.stderr[-3000:]
+  message = " ".join(done.stderr.split())  # the console wraps long lines
+  assert (f"was trained with every image stretched to {FIXED} x {FIXED} (geometry mode 'fixed')"
+          in message and "--min_size (the aspect-preserving resize) do not apply" in message), message
+  assert not os.path.exists(tmp_path / "refused")

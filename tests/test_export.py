@@ -3,8 +3,10 @@ process that imports no retinanet_jax code (tests/helpers/run_exported.py), give
 model's detections (`models.retinanet.detect`) on real photos (scikit-image's bundled images) within
 1e-3 px and 1e-5 in score (ONNX, whose NMS is onnxruntime's: the same detections as a set, module
 docstring of export_onnx.py); wrong dtype, rank or size of input is an error naming the expected
-signature."""
+signature. A model whose description's geometry is 'fixed' gets an S x S canvas by default and
+side files that say to stretch and map back per axis."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +21,7 @@ from flax import nnx
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import checkpoints, export
 from retinanet_jax.data.labels import LabelMap
-from retinanet_jax.model_description import ModelDescription
+from retinanet_jax.model_description import Geometry, ModelDescription
 from retinanet_jax.models import preprocessing, retinanet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,3 +211,66 @@ def test_onnx_from_the_command_in_a_fresh_onnxruntime_process(model_dir, referen
   assert "Invalid rank for input: images Got: 3 Expected: 4" in str(ours["error_rank"])
   assert ("Got invalid dimensions for input: images for the following indices\n index: 1 Got: 191 "
           "Expected: 192") in str(ours["error_size"])
+
+
+def test_side_files_say_how_to_resize_for_each_geometry(tmp_path):
+  """signature.json's input_resize: 'fixed' (stretch to S x S, boxes back per axis), a training
+  run's 'resize' and converted weights' (torchvision's 800/1333); the default canvas; a canvas too
+  small for a fixed model's square is refused before anything is written."""
+  base = ModelDescription(kind="retinanet", model=retinanet.RetinaNetConfig(num_classes=5),
+                          anchors=anchor_lib.AnchorConfig(), input_convention="torchvision",
+                          label_map=LabelMap((1, 2, 3, 5, 8), NAMES))
+  fixed = dataclasses.replace(base, geometry=Geometry(96, 96, 32, mode="fixed", image_size=96))
+  trained = dataclasses.replace(base, geometry=Geometry(640, 1000, 128))
+  expected = {
+      "fixed": (fixed, (96, 96), {"mode": "fixed", "image_size": [96, 96]},
+                ["stretch every photo to 96 x 96", "image_hw = [96, 96]"],
+                "per axis: sx = 96 / w, sy = 96 / h; x1 / sx, y1 / sy, x2 / sx, y2 / sy"),
+      "trained": (trained, (800, 1344), {"mode": "resize", "min_size": 640, "max_size": 1000},
+                  ["s = min(640 / min(h, w), 1000 / max(h, w))", "(floor(h * s), floor(w * s))"],
+                  "divide x by sx = resized width / w and y by sy = resized height / h"),
+      "converted": (base, (800, 1344), {"mode": "resize", "min_size": 800, "max_size": 1333},
+                    ["s = min(800 / min(h, w), 1333 / max(h, w))"], "divide x by sx"),
+  }
+  for name, (description, canvas, fields, resize, back) in expected.items():
+    assert export.default_image_size(description) == canvas, name
+    spec = export.ExportSpec(image_size=canvas, batch_size=1)
+    export.check_request(str(tmp_path / name), fmt="stablehlo", spec=spec, description=description)
+    os.makedirs(tmp_path / name)
+    export.write_side_files(str(tmp_path / name), description, spec=spec, fmt="stablehlo",
+                            dtype="float32")
+    with open(tmp_path / name / "signature.json") as f:
+      written = json.load(f)["input_resize"]
+    assert {k: written[k] for k in fields} == fields, name
+    assert all(part in written["resize"] for part in resize), (name, written)
+    assert written["boxes_to_photo"].startswith(back), (name, written)
+  assert "torchvision's defaults" in export.input_resize(base)["from"]
+  with pytest.raises(ValueError, match=r"stretches every image to 96 x 96 \(geometry mode 'fixed'\), "
+                                       r"which a canvas of 64 x 128 cannot hold; give "
+                                       r"--image_size=96,96"):
+    export.check_request(str(tmp_path / "small"), fmt="stablehlo", description=fixed,
+                         spec=export.ExportSpec(image_size=(64, 128)))
+  assert not (tmp_path / "small").exists()
+
+
+def test_the_command_exports_a_fixed_model_at_its_square(model_dir, tmp_path):
+  """scripts/export.py without --image_size on a model described as 'fixed' (96): a 96 x 96 canvas,
+  and the console line says to stretch."""
+  state, description = checkpoints.read_model_state(model_dir)
+  fixed_dir = str(tmp_path / "fixed_model")
+  checkpoints.save_model(fixed_dir, state, dataclasses.replace(
+      description, geometry=Geometry(96, 96, 32, mode="fixed", image_size=96)))
+  out = tmp_path / "hlo"
+  done = subprocess.run([sys.executable, EXPORT_SCRIPT, f"--checkpoint={fixed_dir}",
+                         "--format=stablehlo", f"--output={out}"], capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == (f"wrote {out} (stablehlo, input uint8 ['B', 96, 96, 3]; stretch "
+                                 f"each photo to 96 x 96, boxes back per axis (signature.json))")
+  with open(out / "signature.json") as f:
+    signature = json.load(f)
+  assert signature["inputs"]["images"]["shape"] == ["B", 96, 96, 3]
+  assert signature["input_resize"]["mode"] == "fixed"
+  with open(out / "model.stablehlo", "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  assert exported.in_avals[0].shape[1:] == (96, 96, 3)
