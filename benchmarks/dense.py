@@ -19,7 +19,7 @@ import functools
 
 from benchmarks import networks
 from benchmarks.networks import FULL_NET, TINY_NET
-from benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
+from benchmarks.timing import Row, Session, block, side_by_side
 
 
 def _peak_rss_growth(fn) -> float:

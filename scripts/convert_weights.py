@@ -21,7 +21,6 @@ carry; scripts/evaluate.py and scripts/detect.py read it alone (retinanet_jax/ch
 """
 
 import json
-import os
 
 from absl import app, flags
 

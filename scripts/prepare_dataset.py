@@ -37,7 +37,6 @@ shown with --verbose only; its progress bars become one updating line on a termi
 from __future__ import annotations
 
 import ast
-import os
 import sys
 import time
 

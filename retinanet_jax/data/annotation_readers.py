@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 
 from etils import epath
 from PIL import Image

@@ -239,7 +239,7 @@ def _render_dense(rng: np.random.Generator, config: SyntheticConfig):
       r0, r1 = int(np.floor(y0)), int(np.ceil(y0 + h))
       yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32) + 0.5
       u, v = (xx - x) / w * 2 - 1, (yy - y0) / h * 2 - 1
-      mask = _shape_mask(SHAPES[label], u, v)
+      mask = shape_mask(SHAPES[label], u, v)
       if mask.sum() >= 4:
         shade = 1 + 0.15 * (u * rng.uniform(-1, 1) + v * rng.uniform(-1, 1))
         patch = image[r0:r1, c0:c1]
