@@ -223,7 +223,8 @@ def test_a_fixed_model_stretches_and_maps_boxes_back_per_axis(fixed_model, tmp_p
   paths = [_write(tmp_path, "wide.png", originals[0]), _write(tmp_path, "tall.png", originals[1])]
   out = tmp_path / "out"
   results = detect_script.detect_files(paths, checkpoint=fixed_model, output=str(out),
-                                       draw_threshold=0.1, max_detections=300)
+                                       draw_threshold=0.1, max_detections=300,
+                                       count_threshold=0.2)
   loaded = checkpoints.load_model(fixed_model)
   for image_id, original in enumerate(originals):
     h0, w0 = original.shape[:2]
@@ -251,6 +252,10 @@ def test_a_fixed_model_stretches_and_maps_boxes_back_per_axis(fixed_model, tmp_p
     expected = visualization.draw_detections(
         original, np.stack([x1, y1, x2, y2], axis=1)[shown], np.asarray(net.classes[0])[valid][shown],
         np.asarray(net.scores[0])[valid][shown], names=loaded.description.label_map.names)
+    count = int((np.asarray(net.scores[0])[valid] >= 0.2).sum())  # and the object count on it
+    visualization.draw_caption(expected, f"count: {count} (score >= 0.2)")
+    with open(out / "images.json") as f:
+      assert [i["count"] for i in json.load(f) if i["id"] == image_id] == [count]
     with Image.open(out / f"{('wide', 'tall')[image_id]}.detections.png") as picture:
       assert picture.size == (w0, h0)
       np.testing.assert_array_equal(np.asarray(picture.convert("RGB")), np.asarray(expected))
