@@ -40,10 +40,13 @@ def test_evaluate_and_detect_a_training_workdir_without_config(tmp_path_factory)
   _run([os.path.join(REPO, "scripts", "detect.py"), f"--checkpoint={workdir}",
         f"--output={out / 'detect'}", str(image)], tmp_path_factory, cwd=str(out))
   assert os.path.isfile(out / "detect" / "photo.detections.png")
+  with open(out / "detect" / "detections.json") as f:
+    detections = json.load(f)
+  count = sum(d["score"] >= 0.5 for d in detections)  # --count_threshold: --draw_threshold's 0.5
   with open(out / "detect" / "images.json") as f:
     assert json.load(f) == [{"id": 0, "file_name": "photo.png", "path": str(image),
-                             "output_file": "photo.detections.png", "height": 60, "width": 80}]
+                             "output_file": "photo.detections.png", "height": 60, "width": 80,
+                             "count": count, "count_threshold": 0.5}]
   with open(os.path.join(workdir, "label_map.json")) as f:
     category_ids = {row["category_id"] for row in json.load(f)["labels"]}
-  with open(out / "detect" / "detections.json") as f:
-    assert {d["category_id"] for d in json.load(f)} <= category_ids
+  assert {d["category_id"] for d in detections} <= category_ids
