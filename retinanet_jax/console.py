@@ -3,7 +3,8 @@
 By default the scripts print only this project's own lines (config summary, training steps,
 evaluation tables, warnings, errors). The other libraries' log lines (Orbax's checkpoint internals,
 TensorFlow Datasets, JAX's backend probes, absl) go to the run's log file, `workdir/log.txt`, when
-there is one, and nowhere otherwise; library records at ERROR or above still reach the console.
+there is one, and nowhere otherwise; library records at ERROR or above still reach the console,
+except the tracebacks of a failed checkpoint read that our own error paragraph already reported.
 TensorFlow's native start-up banners are turned off (`TF_CPP_MIN_LOG_LEVEL=2`), TFDS's stdout lines
 ("Downloading and preparing dataset ...") go to the log file, and its tqdm bars become one updating
 progress line. `--verbose` shows everything, as the libraries print it.
@@ -89,10 +90,31 @@ def setup(*, verbose: bool = False, log_path: Optional[str] = None) -> None:
       _state["native_lines"] = ""
   for name in ("jax", "jax._src.xla_bridge", "orbax", "absl", "tensorflow"):
     logging.getLogger(name).setLevel(logging.NOTSET)  # their records reach the root's handlers
+  console_handler = absl_logging.get_absl_handler()
+  for existing in [f for f in console_handler.filters if isinstance(f, _CheckpointReadLeftovers)]:
+    console_handler.removeFilter(existing)
   if not verbose:
+    console_handler.addFilter(_CheckpointReadLeftovers())
     _single_line_tfds_progress()
     if not getattr(sys.unraisablehook, "_retinanet_console", False):
       sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+class _CheckpointReadLeftovers(logging.Filter):
+  """Keeps off the console (not out of the log file) the log records that carry the traceback of a
+  failed checkpoint read, once the damaged checkpoint has been reported in our own paragraph:
+  asyncio's "Task exception was never retrieved" for orbax's abandoned read tasks, and any record
+  whose exception passed through orbax's or tensorstore's files."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and _raised_in_checkpoint_io(record.exc_info[2]):
+      return False
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except  (a malformed record: let it through)
+      return True
+    return not ("Traceback (most recent call last)" in message
+                and ("/orbax/" in message or "/tensorstore/" in message))
 
 
 def _quiet_unraisable(default):
