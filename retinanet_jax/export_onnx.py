@@ -61,8 +61,9 @@ def _max_pool_3d(x, *, window_dimensions, window_strides, padding, base_dilation
   if (window_dimensions[0] != 1 or window_dimensions[3] != 1 or window_strides[0] != 1
       or window_strides[3] != 1 or any(d != 1 for d in (*base_dilation, *window_dilation))
       or padding[0] != (0, 0) or padding[3] != (0, 0)):
-    raise NotImplementedError(f"ONNX export: max pooling window {window_dimensions} strides "
-                              f"{window_strides} padding {padding} is not a spatial NHWC pool")
+    raise ValueError(f"ONNX export converts spatial NHWC max pooling only (window and strides 1 "
+                     f"on batch and channels, no dilation); got window {window_dimensions} strides "
+                     f"{window_strides} padding {padding}")
   batch, height, width, channels = x.shape
   y = jnp.transpose(x, (0, 3, 1, 2)).reshape(batch * channels, height, width)
   y = lax.reduce_window(y, np.array(-np.inf, x.dtype), lax.max, (1, *window_dimensions[1:3]),

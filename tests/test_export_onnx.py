@@ -6,6 +6,7 @@ edge cases written out by hand. (The whole exported detector: tests/test_export.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
@@ -92,3 +93,18 @@ def test_onnx_nms_edge_cases_by_hand():
   for name in export.OUTPUT_NAMES:
     np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
 
+
+
+def test_max_pool_rewrite_equals_reduce_window_and_refuses_other_windows():
+  """The spatial NHWC max pool handed to jax2onnx equals XLA's reduce_window max; a window over
+  channels is refused with the supported form named."""
+  x = np.random.default_rng(5).normal(size=(2, 9, 11, 3)).astype(np.float32)
+  args = dict(window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
+              padding=((0, 0), (1, 1), (1, 1), (0, 0)), base_dilation=(1,) * 4,
+              window_dilation=(1,) * 4)
+  ours = jax.jit(lambda v: export_onnx._max_pool_3d(v, **args))(x)  # pylint: disable=protected-access
+  reference = jax.lax.reduce_window(x, -np.inf, jax.lax.max, args["window_dimensions"],
+                                    args["window_strides"], args["padding"])
+  np.testing.assert_array_equal(ours, reference)
+  with pytest.raises(ValueError, match=r"spatial NHWC max pooling only .* window \(1, 3, 3, 2\)"):
+    export_onnx._max_pool_3d(x, **{**args, "window_dimensions": (1, 3, 3, 2)})  # pylint: disable=protected-access
