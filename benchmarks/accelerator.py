@@ -133,7 +133,7 @@ def _detectors(spec: NetSpec, size: tuple[int, int]):
   import numpy as np
   from flax import nnx
 
-  from retinanet_jax import weights
+  from retinanet_jax import checkpoints
   from retinanet_jax.models import retinanet
 
   torch_model = networks.torchvision_retinanet(spec).eval()
@@ -141,7 +141,7 @@ def _detectors(spec: NetSpec, size: tuple[int, int]):
   networks.informative_weights(torch_model, networks.torch_images(calibration))
   config = retinanet.RetinaNetConfig(**{**spec.our_fields(), "dtype": "bfloat16"})
   model = nnx.eval_shape(lambda: retinanet.build_model(config, rngs=nnx.Rngs(0)))
-  weights.load_into(model, networks.converted_state(torch_model, spec))
+  checkpoints.load_into(model, networks.converted_state(torch_model, spec))
   graphdef, state = nnx.split(model)
   state = jax.device_put(state)
 

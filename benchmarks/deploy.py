@@ -1,4 +1,4 @@
-"""The deploy suite: latency of each exported form of the detector (retinanet_jax/export.py), batch 1,
+"""The deploy suite: latency of each exported form of the detector (retinanet_jax/deploy/export.py), batch 1,
 at 512x512 and 800x1333 (canvas 800x1344), against the in-process jitted model and torchvision.
 
 Five ways to get the same detections, all timed in one round-robin (A B C D E, E D C B A, ...; medians
@@ -35,14 +35,14 @@ def _loaded_model(torch_model, spec):
   from flax import nnx
 
   from retinanet_jax import anchors as anchor_lib
-  from retinanet_jax import checkpoints, weights
+  from retinanet_jax import checkpoints
   from retinanet_jax.data.labels import LabelMap
-  from retinanet_jax.model_description import ModelDescription
+  from retinanet_jax.checkpoints.model_description import ModelDescription
   from retinanet_jax.models import retinanet
 
   config = retinanet.RetinaNetConfig(**spec.our_fields())
   model = nnx.eval_shape(lambda: retinanet.build_model(config, rngs=nnx.Rngs(0)))
-  weights.load_into(model, networks.converted_state(torch_model, spec))
+  checkpoints.load_into(model, networks.converted_state(torch_model, spec))
   model.eval()
   label_map = LabelMap(tuple(range(1, spec.num_classes + 1)),
                        tuple(f"class {k}" for k in range(spec.num_classes)))
@@ -61,7 +61,7 @@ def _runners(loaded, canvas, directory):
   import onnxruntime as ort
   import tensorflow as tf
 
-  from retinanet_jax import export
+  from retinanet_jax.deploy import export
   from retinanet_jax.models import retinanet
 
   from flax import nnx

@@ -19,7 +19,7 @@ def bench_model(session: Session) -> list[Row]:
   from flax import nnx
 
   from benchmarks import profiling
-  from retinanet_jax import weights
+  from retinanet_jax import checkpoints
   from retinanet_jax.models import retinanet
 
   spec = TINY_NET if quick else FULL_NET
@@ -30,7 +30,7 @@ def bench_model(session: Session) -> list[Row]:
   networks.informative_weights(torch_model, networks.torch_images(calibration))
   config = retinanet.RetinaNetConfig(**spec.our_fields())
   model = nnx.eval_shape(lambda: retinanet.build_model(config, rngs=nnx.Rngs(0)))
-  weights.load_into(model, networks.converted_state(torch_model, spec))
+  checkpoints.load_into(model, networks.converted_state(torch_model, spec))
   graphdef, state = nnx.split(model)
 
   def detect(state, images, image_hw, scale):

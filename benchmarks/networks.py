@@ -2,7 +2,7 @@
 profiles of both.
 
 The networks are torchvision's `retinanet_resnet50_fpn` layout (v1: P6 from P5, frozen batch norm,
-stem and layer1 frozen, 91 classes) with random weights, converted to ours with `retinanet_jax/weights.py`.
+stem and layer1 frozen, 91 classes) with random weights, converted to ours with `retinanet_jax/checkpoints/weights.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class NetSpec:
   num_classes: int
 
   def our_fields(self) -> dict:
-    from retinanet_jax import weights
+    from retinanet_jax.checkpoints import weights
     return {**weights.source_defaults("torchvision_v1")["model"], "norm_epsilon": 1e-5,
             "backbone": self.backbone, "fpn_channels": self.channels,
             "num_classes": self.num_classes}
@@ -97,7 +97,7 @@ def informative_weights(model, images, *, seed: int = 0) -> None:
 
 
 def converted_state(torch_model, spec: NetSpec) -> dict:
-  from retinanet_jax import weights
+  from retinanet_jax.checkpoints import weights
   state_dict = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
   return weights.convert_state_dict(state_dict, source="torchvision_v1",
                                     model_config=spec.our_fields())
@@ -163,7 +163,8 @@ def our_training(spec: NetSpec, size: int, batch: int, *, state_dict: dict, seed
 
   from retinanet_jax import anchors as anchor_lib
   from retinanet_jax import config as config_lib
-  from retinanet_jax import train_state, train_step
+  from retinanet_jax.runtime import mesh as mesh_lib
+  from retinanet_jax.training import train_state, train_step
 
   config = config_lib.default_config()
   config.model.update(spec.our_fields())
@@ -173,7 +174,7 @@ def our_training(spec: NetSpec, size: int, batch: int, *, state_dict: dict, seed
   config.model.dtype = dtype
   config.seed = seed
   config = config_lib.Config.from_config_dict(config)
-  mesh = train_state.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   # Loaded into the abstract model: skips the eager random initialization (seconds of small
   # compilations).
   setup = train_state.create_train_state(config, mesh, initial_weights=state_dict)
@@ -185,7 +186,7 @@ def our_training(spec: NetSpec, size: int, batch: int, *, state_dict: dict, seed
   host_batch = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
                 "image_hw": np.full((batch, 2), size, np.int32), "boxes": boxes, "labels": labels,
                 "box_mask": np.ones(labels.shape, bool), "is_crowd": np.zeros(labels.shape, bool)}
-  device_batch = jax.device_put(host_batch, NamedSharding(mesh, P(train_state.DATA_AXIS)))
+  device_batch = jax.device_put(host_batch, NamedSharding(mesh, P(mesh_lib.DATA_AXIS)))
   step = train_step.compile_train_step(setup, config, mesh, anchors)
   start = time.perf_counter()
   lowered = step.lower(state, device_batch)

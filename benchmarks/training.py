@@ -15,7 +15,7 @@ import time
 from benchmarks import networks
 from benchmarks.networks import FULL_NET, TINY_NET
 from benchmarks.timing import Row, Session, Timing, block, side_by_side, timed
-from retinanet_jax import xla_flags
+from retinanet_jax.runtime import xla_flags
 
 
 def bench_train(session: Session) -> list[Row]:

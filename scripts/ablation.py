@@ -3,7 +3,7 @@
     python scripts/ablation.py --config=configs/synthetic.py --output=runs/ablation \
         --config.train.steps=300 --config.train.warmup_steps=50
 
-Every setting is one training run through `retinanet_jax.train.train_and_evaluate` (the code path of
+Every setting is one training run through `retinanet_jax.training.train.train_and_evaluate` (the code path of
 scripts/train.py: the same input pipeline, sharded train step, checkpoints and COCO evaluation), with
 only `loss.alpha` and `loss.gamma` changed, each in its own folder `<output>/gamma<g>_alpha<a>/`:
   (a) gamma = 0 (alpha-balanced cross-entropy) for every alpha of --alphas;
@@ -26,7 +26,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from retinanet_jax import xla_flags  # (imports no JAX)
+from retinanet_jax.runtime import xla_flags  # (imports no JAX)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]) of every run.",
@@ -106,7 +106,7 @@ def prepare_output(output: str, plan: dict, *, resume: bool) -> None:
 def train_one(config_dict, output: str, alpha: float, gamma: float) -> dict:
   """One training run with `loss.alpha = alpha`, `loss.gamma = gamma`: its settings and metrics."""
   from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import train  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.training import train  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.join(output, run_name(alpha, gamma))
   summary_path = os.path.join(workdir, "summary.json")

@@ -44,7 +44,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # for doc
 from absl import app, flags
 
 from benchmarks import timing  # imports no JAX
-from retinanet_jax import xla_flags  # imports no JAX
+from retinanet_jax.runtime import xla_flags  # imports no JAX
 
 FLAGS = flags.FLAGS
 DEFAULTS = timing.Options()
@@ -55,7 +55,7 @@ flags.DEFINE_bool("write", False, "Write the table (and profiles) into docs/benc
 flags.DEFINE_bool("profile", False, "Also profile our training step and inference per XLA operation, "
                   "and torchvision's per ATen operator.")
 flags.DEFINE_string("xla_flags", None, "XLA flags added to $XLA_FLAGS; default: "
-                    "retinanet_jax.xla_flags.CPU_FLAGS (--quick: QUICK_XLA_FLAGS). Pass an empty "
+                    "retinanet_jax.runtime.xla_flags.CPU_FLAGS (--quick: QUICK_XLA_FLAGS). Pass an empty "
                     "value for XLA's defaults.")
 flags.DEFINE_integer("torch_threads", DEFAULTS.torch_threads, "torch.set_num_threads (0: torch's default).")
 flags.DEFINE_string("data_dir", DEFAULTS.data_dir,

@@ -17,18 +17,19 @@
 
 The output directory holds the Orbax model state (`model/`) and description.json (architecture,
 anchors, input convention, label map with names), the same description a training run's checkpoints
-carry; scripts/evaluate.py and scripts/detect.py read it alone (retinanet_jax/checkpoints.py). torch is needed for .pth inputs only.
+carry; scripts/evaluate.py and scripts/detect.py read it alone (retinanet_jax/checkpoints/). torch is needed for .pth inputs only.
 """
 
 import json
 
 from absl import app, flags
 
-from retinanet_jax import errors, weights
+from retinanet_jax.runtime import errors
+from retinanet_jax.checkpoints import weights
 from retinanet_jax.models import resnet
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("source", None, weights.SOURCES, "Kind of checkpoint (retinanet_jax/weights.py).")
+flags.DEFINE_enum("source", None, weights.SOURCES, "Kind of checkpoint (retinanet_jax/checkpoints/weights.py).")
 flags.DEFINE_string("input", None, "The .pth or .pkl file.")
 flags.DEFINE_string("output", None, "Directory to write.")
 flags.DEFINE_enum("backbone", "resnet50", sorted(resnet.ARCHITECTURES), "Backbone architecture.")

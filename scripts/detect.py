@@ -25,20 +25,20 @@ in a run either way.
 Nothing is ever overwritten: if one of the files to write already exists (an input image, or the output
 of an earlier run in the same --output), the command stops before running the model and names them.
 Library and backend INFO logging (Orbax, JAX's platform probe, TensorFlow) is off unless --verbose
-(retinanet_jax/console.py). Expected failures end with one paragraph and an exit code (README, "Exit
+(retinanet_jax/runtime/console.py). Expected failures end with one paragraph and an exit code (README, "Exit
 codes"): a file to write exists (6), a missing or damaged checkpoint (4).
 """
 
 import json
 import os
 
-from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)
 
 console.quiet_native_logs()
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.runtime import errors  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights (scripts/convert_weights.py), a training "
@@ -122,8 +122,9 @@ def detect_files(paths, *, checkpoint: str, output: str, min_size: int = 800, ma
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from retinanet_jax import checkpoints, visualization  # pylint: disable=import-outside-toplevel
-  from retinanet_jax.model_description import Geometry  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.inference import visualization  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.checkpoints.model_description import Geometry  # pylint: disable=import-outside-toplevel
   from retinanet_jax.models import preprocessing, retinanet  # pylint: disable=import-outside-toplevel
 
   loaded = checkpoints.load_model(checkpoint, dtype=dtype)

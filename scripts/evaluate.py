@@ -12,7 +12,7 @@ config's own evaluation data (e.g. COCO val) as the reference of the relative dr
     python scripts/evaluate.py --checkpoint=runs/r50 --datasets=/data/a,/data/b --reference=/data/coco
 
 The network, anchors, input normalization and class -> category-id map come from the checkpoint's
-model description (retinanet_jax/checkpoints.py). The data and evaluation settings come from
+model description (retinanet_jax/checkpoints/). The data and evaluation settings come from
 --config when given, else from the training run's `config.json` (converted weights have none, so
 they need --config: it chooses the dataset, e.g. --config.data.eval_split=validation[:500]).
 """
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import os
 
-from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)
 
 console.quiet_native_logs()  # before the config file's imports start TensorFlow
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from retinanet_jax import errors, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.runtime import errors, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]) choosing the "
@@ -90,7 +90,7 @@ def main(argv):
     result = evaluator.evaluate_saved(FLAGS.checkpoint, config=FLAGS.config,
                                       output_dir=FLAGS.output)
   print(evaluation.format_report(result))
-  from retinanet_jax.evaluation import counting  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.metrics import counting  # pylint: disable=import-outside-toplevel
   if "count_mae" in result.metrics:
     print(counting.format_counts(result.metrics))
 

@@ -9,7 +9,7 @@
 
 The artifact takes uint8 images `[B, H, W, 3]` (each image at the top-left of the H x W canvas) and
 their valid sizes int32 `[B, 2]`, and returns boxes `[B, D, 4]` in the canvas' pixels, scores, class
-indices and a validity mask (retinanet_jax/export.py). `signature.json`, `description.json` and
+indices and a validity mask (retinanet_jax/deploy/export.py). `signature.json`, `description.json` and
 `labels.json` are written next to it; `signature.json`'s `input_resize` says how to resize a photo into
 the canvas and map the boxes back (a model trained with `data.mode='fixed'`: stretch to S x S, boxes
 back per axis). --output must be new or empty: nothing is overwritten.
@@ -18,13 +18,13 @@ back per axis). --output must be new or empty: nothing is overwritten.
 ONNX needs jax2onnx and onnx (README "Deploy"); its NMS is ONNX's NonMaxSuppression op.
 """
 
-from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)
 
 console.quiet_native_logs()
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.runtime import errors  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted weights, a training workdir or one step's folder.")
@@ -60,7 +60,8 @@ def main(argv):
   console.setup(verbose=FLAGS.verbose)
   if len(FLAGS.image_size) != 2 or not all(s.isdigit() for s in FLAGS.image_size):
     raise app.UsageError(f"--image_size must be H,W, got {','.join(FLAGS.image_size)}")
-  from retinanet_jax import checkpoints, export  # pylint: disable=import-outside-toplevel
+  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.deploy import export  # pylint: disable=import-outside-toplevel
 
   try:
     description = checkpoints.locate(FLAGS.checkpoint).description

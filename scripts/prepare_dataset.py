@@ -30,7 +30,7 @@ names) stop the run after the report, with exit status 3 and no dataset written;
 images, bad boxes, unknown ids, ...) are left out and counted (`--strict`: fatal too). `--dry_run`
 validates and reports without writing a dataset. A dry or stopped run writes its report to --report
 (default ./prepare_report.json), never replacing a file that is not an earlier report (exit status
-6 if asked to). Exit statuses: README, "Exit codes" (retinanet_jax/errors.py). TFDS's log lines are
+6 if asked to). Exit statuses: README, "Exit codes" (retinanet_jax/runtime/errors.py). TFDS's log lines are
 shown with --verbose only; its progress bars become one updating line on a terminal.
 """
 
@@ -41,14 +41,14 @@ import sys
 import time
 
 
-from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)
 
 console.quiet_native_logs()
 
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from retinanet_jax import errors  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.runtime import errors  # noqa: E402  pylint: disable=wrong-import-position
 from retinanet_jax.data import (  # noqa: E402  pylint: disable=wrong-import-position
     annotation_readers, coco_format, coco_validation, config as config_lib, sources, synthetic)
 

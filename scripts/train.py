@@ -14,20 +14,20 @@ Killed runs: rerun the same command; it continues from the last complete checkpo
 (a damaged one is set aside: `train.on_damaged_checkpoint`).
 
 The console shows this project's lines only; the libraries' log lines go to WORKDIR/log.txt
-(`--verbose`: on the console too; retinanet_jax/console.py). Expected failures end with one paragraph
-and an exit code (README, "Exit codes"; retinanet_jax/errors.py), unexpected ones with a traceback.
+(`--verbose`: on the console too; retinanet_jax/runtime/console.py). Expected failures end with one paragraph
+and an exit code (README, "Exit codes"; retinanet_jax/runtime/errors.py), unexpected ones with a traceback.
 """
 
 import os
 
-from retinanet_jax import console  # (imports no JAX, no TensorFlow)
+from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)
 
 console.quiet_native_logs()  # before the config file's imports start TensorFlow
 
 from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from retinanet_jax import errors, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
+from retinanet_jax.runtime import errors, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -99,7 +99,7 @@ def main(argv):
   if cache_dir:
     xla_flags.enable_compilation_cache(cache_dir)
     logging.info("Persistent compilation cache: %s", cache_dir)
-  from retinanet_jax import train  # pylint: disable=import-outside-toplevel
+  from retinanet_jax.training import train  # pylint: disable=import-outside-toplevel
   logging.info("Config:\n%s", FLAGS.config)
   summary = train.train_and_evaluate(config, FLAGS.workdir)
   logging.info("Done: %s", summary)

@@ -12,7 +12,7 @@ The old run is only read.
 from absl import app, flags
 from ml_collections import config_flags
 
-from retinanet_jax import errors
+from retinanet_jax.runtime import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's training config (configs/*.py[:variant] "
@@ -25,8 +25,8 @@ flags.mark_flags_as_required(["config", "checkpoint", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  steps = checkpoints.upgrade_legacy_run(FLAGS.checkpoint, FLAGS.output, FLAGS.config)
+  from retinanet_jax.training import run_checkpoints  # pylint: disable=import-outside-toplevel
+  steps = run_checkpoints.upgrade_legacy_run(FLAGS.checkpoint, FLAGS.output, FLAGS.config)
   print(f"wrote steps {steps} of {FLAGS.checkpoint} into {FLAGS.output}")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import profiling
-from retinanet_jax import xla_flags
+from retinanet_jax.runtime import xla_flags
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 EXPECTED_ROWS = (

@@ -13,9 +13,11 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from retinanet_jax import checkpoints, train_state
+from retinanet_jax import checkpoints
 from retinanet_jax import config as config_lib
 from retinanet_jax.data import labels as labels_lib
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.training import run_checkpoints, train_state
 
 LABELS = labels_lib.LabelMap(tuple(range(1, 7)), tuple(f"class{i}" for i in range(6)))
 
@@ -25,7 +27,7 @@ def setup():
   c = synthetic.get_config()
   c.model.backbone, c.model.fpn_channels, c.model.head_num_convs = "resnet18", 32, 1
   config = config_lib.Config.from_config_dict(c)
-  mesh = train_state.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   made = train_state.create_train_state(config, mesh)
   # A state that is not the initial one: the step, the optimizer and the EMA all differ.
   state = dataclasses.replace(
@@ -47,7 +49,7 @@ def _assert_same(a, b):
 
 def _save_run(tmp_path, config, state, step=7):
   workdir = str(tmp_path / "run")
-  manager = checkpoints.Checkpoints(workdir, keep=2,
+  manager = run_checkpoints.Checkpoints(workdir, keep=2,
                                     description=train_state.describe(config, LABELS))
   manager.save(step, state, None)
   manager.close()
@@ -61,7 +63,7 @@ def test_a_step_holds_model_optimizer_and_description_and_restores_exactly(setup
       os.listdir(os.path.join(workdir, "checkpoints", "7")))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           made.state)
-  restored = checkpoints.Checkpoints(workdir, keep=2).restore(7, abstract, None)
+  restored = run_checkpoints.Checkpoints(workdir, keep=2).restore(7, abstract, None)
   _assert_same(restored, state)
   assert int(restored.step) == 7
 
@@ -110,22 +112,22 @@ def test_training_runs_of_the_first_release_are_upgraded_into_a_new_folder(setup
   with pytest.raises(checkpoints.CheckpointError, match="upgrade_checkpoint.py"):
     checkpoints.load_model(str(old))
   with pytest.raises(checkpoints.CheckpointError, match="upgrade_checkpoint.py"):
-    checkpoints.Checkpoints(str(old), keep=2)
+    run_checkpoints.Checkpoints(str(old), keep=2)
   new = str(tmp_path / "new_run")
-  assert checkpoints.upgrade_legacy_run(str(old), new, config) == [7]
+  assert run_checkpoints.upgrade_legacy_run(str(old), new, config) == [7]
   assert os.path.isfile(os.path.join(new, "input_state", "7", "process_0.json"))
   loaded = checkpoints.load_model(new)
   _assert_same(loaded.params, state.params)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           made.state)
-  upgraded = checkpoints.Checkpoints(new, keep=2).restore(7, abstract, None)
+  upgraded = run_checkpoints.Checkpoints(new, keep=2).restore(7, abstract, None)
   _assert_same(dataclasses.replace(upgraded, divergence=None),
                dataclasses.replace(state, divergence=None))
   _assert_same(upgraded.divergence, train_state.initial_divergence_state(
       config.train.divergence_window))  # the first release had no divergence guard
   assert config_lib.load_run_config(new) == dataclasses.replace(config, runtime=config.runtime)
   with pytest.raises(checkpoints.CheckpointError, match="not empty"):
-    checkpoints.upgrade_legacy_run(str(old), new, config)
+    run_checkpoints.upgrade_legacy_run(str(old), new, config)
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
@@ -172,7 +174,7 @@ def two_steps(setup, tmp_path):
   """A run with checkpoints 3 and 7 (different states) and their input positions."""
   config, _, made, state = setup
   workdir = str(tmp_path / "run")
-  manager = checkpoints.Checkpoints(workdir, keep=5,
+  manager = run_checkpoints.Checkpoints(workdir, keep=5,
                                     description=train_state.describe(config, LABELS))
   manager.save(3, dataclasses.replace(state, step=state.step - 4), _Position(3))
   manager.save(7, state, _Position(7))
@@ -188,7 +190,7 @@ def test_a_truncated_array_file_falls_back_to_the_previous_step_and_is_kept_asid
   with pytest.raises(checkpoints.DamagedCheckpointError, match="step 7") as error:
     checkpoints.load_model(os.path.join(workdir, "checkpoints", "7"))  # evaluate.py, detect.py
   assert error.value.exit_code == 4 and "OUT_OF_RANGE" in str(error.value)
-  manager = checkpoints.Checkpoints(workdir, keep=5)
+  manager = run_checkpoints.Checkpoints(workdir, keep=5)
   with pytest.raises(checkpoints.DamagedCheckpointError) as error:  # policy 'stop'
     manager.restore_newest(abstract, _Position(), _Position, on_damaged="stop", log=print)
   assert f"checkpoint step 7 in {workdir}/checkpoints/7 is damaged" in str(error.value)
@@ -211,7 +213,7 @@ def test_a_damaged_input_position_falls_back_and_a_mismatched_model_is_not_damag
   workdir, abstract, state = two_steps
   with open(os.path.join(workdir, "input_state", "7", "position.json"), "w") as f:
     f.write('{"batch')  # cut short
-  manager = checkpoints.Checkpoints(workdir, keep=5)
+  manager = run_checkpoints.Checkpoints(workdir, keep=5)
   lines = []
   step, _, position = manager.restore_newest(abstract, _Position(), _Position,
                                              on_damaged="fall_back", log=lines.append)

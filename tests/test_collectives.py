@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from retinanet_jax import collectives
+from retinanet_jax.runtime import collectives
 from tests.helpers import runs
 
 

@@ -10,7 +10,7 @@ import typing
 import pytest
 
 from retinanet_jax import config as config_lib
-from retinanet_jax import optimizer, train_state
+from retinanet_jax.training import optimizer, train_state
 from retinanet_jax.data import transforms
 
 CONFIGS = ["r50_fpn", "r101_fpn", "x101_32x8d_fpn", "r50_fpn_v2", "r50_fpn_640_tpu", "synthetic",

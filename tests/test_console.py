@@ -10,7 +10,7 @@ import subprocess
 import sys
 import types
 
-from retinanet_jax import console
+from retinanet_jax.runtime import console
 from tests.helpers import runs
 
 # absl's and glog's line prefix ("I1203 06:24:53.658095 1404... file.py:12]"), tqdm's rates.
@@ -86,7 +86,7 @@ def test_leftovers_of_a_failed_checkpoint_read_go_to_the_log_file(tmp_path, monk
   assert passed_on == []
   with open(log_path) as f:
     assert f.read().count("(ignored after a failed read)") == 2
-  ours = unraisable_from("/work/retinanet_jax/train.py")
+  ours = unraisable_from("/work/retinanet_jax/training/train.py")
   hook(ours)
   assert passed_on == [ours]  # anything else still reaches Python's default hook
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from retinanet_jax.evaluation import counting
+from retinanet_jax.metrics import counting
 
 # Three images: 3, 0 and 2 non-crowd objects (image 1 also has a crowd box, not counted).
 GT = {

@@ -20,8 +20,10 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNet as TorchRetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from retinanet_jax import checkpoints, visualization, weights
-from retinanet_jax.model_description import Geometry
+from retinanet_jax import checkpoints
+from retinanet_jax.inference import visualization
+from retinanet_jax.checkpoints import weights
+from retinanet_jax.checkpoints.model_description import Geometry
 from retinanet_jax.models import preprocessing, retinanet
 from scripts import detect as detect_script  # one module object: its absl flags are defined once
 

@@ -1,5 +1,5 @@
 """Every known error kind ends a script with one paragraph on stderr and its exit code
-(retinanet_jax/errors.py, README "Exit codes"); an unexpected one keeps its traceback. Runs
+(retinanet_jax/runtime/errors.py, README "Exit codes"); an unexpected one keeps its traceback. Runs
 `errors.run` in-process with mains that raise what the library raises."""
 
 import subprocess
@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 
-from retinanet_jax import checkpoints, errors, train, typed_config
+from retinanet_jax import checkpoints
+from retinanet_jax.runtime import errors, typed_config
+from retinanet_jax.training import train
 
 
 @pytest.mark.parametrize("make, code", [
@@ -42,7 +44,8 @@ def test_missing_prepared_data_says_how_to_prepare_it():
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from retinanet_jax import errors, train
+    from retinanet_jax.runtime import errors
+    from retinanet_jax.training import train
     def main(argv):
       if argv[1] == "known":
         raise train.NonFiniteLossError("the loss or its gradient was not finite at step 3 (numbered "

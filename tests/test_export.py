@@ -1,4 +1,4 @@
-"""retinanet_jax/export.py, export_onnx.py and scripts/export.py: each artifact, reloaded in a fresh
+"""retinanet_jax/deploy/export.py, export_onnx.py and scripts/export.py: each artifact, reloaded in a fresh
 process that imports no retinanet_jax code (tests/helpers/run_exported.py), gives the in-process
 model's detections (`models.retinanet.detect`) on real photos (scikit-image's bundled images) within
 1e-3 px and 1e-5 in score (ONNX, whose NMS is onnxruntime's: the same detections as a set, module
@@ -19,9 +19,10 @@ import skimage.data
 from flax import nnx
 
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import checkpoints, export
+from retinanet_jax import checkpoints
+from retinanet_jax.deploy import export
 from retinanet_jax.data.labels import LabelMap
-from retinanet_jax.model_description import Geometry, ModelDescription
+from retinanet_jax.checkpoints.model_description import Geometry, ModelDescription
 from retinanet_jax.models import preprocessing, retinanet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""retinanet_jax/export_onnx.py's post-processing graph (ONNX NonMaxSuppression, ScatterND, TopK,
+"""retinanet_jax/deploy/onnx_format.py's post-processing graph (ONNX NonMaxSuppression, ScatterND, TopK,
 GatherND) run by onnxruntime against `postprocess.class_wise_nms` (jitted) on the same candidates:
 identical detections on random candidates with distinct scores, and the threshold and degenerate-box
 edge cases written out by hand. (The whole exported detector: tests/test_export.py.)"""
@@ -10,7 +10,8 @@ import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from retinanet_jax import export, export_onnx, postprocess
+from retinanet_jax.deploy import export, onnx_format as export_onnx
+from retinanet_jax import postprocess
 
 
 def run_onnx_nms(boxes, scores, classes, *, num_classes, spec):

@@ -26,10 +26,12 @@ from PIL import Image
 from configs import synthetic
 from retinanet_jax import config as config_lib
 from retinanet_jax import data as data_lib
-from retinanet_jax import evaluation, train, train_state
-from retinanet_jax.evaluation import evaluator as evaluator_lib
-from retinanet_jax.evaluation import counting
+from retinanet_jax import evaluation
 from retinanet_jax.data import coco_format, transforms
+from retinanet_jax.evaluation import evaluator as evaluator_lib
+from retinanet_jax.metrics import counting
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.training import train, train_state
 
 SIZE = 64
 POISON = 7  # images of this solid grey become all-NaN in the (patched) resize
@@ -248,7 +250,7 @@ def blind_model(data_dir):
   config.eval.score_threshold = 1.01
   config.eval.batch_size = 4
   config = config_lib.Config.from_config_dict(config)
-  mesh = train_state.make_mesh()
+  mesh = mesh_lib.make_mesh()
   setup = train_state.create_train_state(config, mesh)
   description = train_state.describe(config, data_lib.label_map(config.data))
   return config, mesh, setup, description

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from retinanet_jax.evaluation import miss_rate
+from retinanet_jax.metrics import miss_rate
 
 FLOOR = 1e-10
 PEDESTRIAN = [{"id": 1, "name": "pedestrian"}]

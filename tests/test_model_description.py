@@ -11,9 +11,9 @@ import pytest
 from configs import r50_fpn_640_tpu, sardet_r50, synthetic
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import config as config_lib
-from retinanet_jax import train_state
+from retinanet_jax.training import train_state
 from retinanet_jax.data.labels import LabelMap
-from retinanet_jax.model_description import Geometry, ModelDescription
+from retinanet_jax.checkpoints.model_description import Geometry, ModelDescription
 from retinanet_jax.models import retinanet
 
 LABELS = LabelMap((1, 2, 7), ("ship", "aircraft", "car"))

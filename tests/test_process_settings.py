@@ -1,11 +1,11 @@
 """What scripts/train.py applies before JAX starts: the config's XLA flags and the persistent
-compilation cache (the script calls these two functions of retinanet_jax/xla_flags.py with the config's
+compilation cache (the script calls these two functions of retinanet_jax/runtime/xla_flags.py with the config's
 fields; the script itself is not imported here, since its absl flags would clash with other scripts')."""
 
 import os
 
 from configs import r50_fpn, synthetic
-from retinanet_jax import xla_flags
+from retinanet_jax.runtime import xla_flags
 
 
 def test_config_cpu_flags_are_added_next_to_other_xla_flags():

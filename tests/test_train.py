@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from configs import r50_fpn, synthetic
 from retinanet_jax import checkpoints
 from retinanet_jax import data as train_lib_data
-from retinanet_jax import train
+from retinanet_jax.training import run_checkpoints, train
 from scripts import detect as detect_script
 from retinanet_jax.evaluation import evaluator
 
@@ -101,7 +101,7 @@ def test_checkpoints_start_by_removing_unfinished_saves(tmp_path):
   unfinished = directory / "3.orbax-checkpoint-tmp-1795436005123456"
   unfinished.mkdir()
   (unfinished / "partial").write_text("cut off")
-  manager = checkpoints.Checkpoints(str(tmp_path), keep=2)
+  manager = run_checkpoints.Checkpoints(str(tmp_path), keep=2)
   assert sorted(os.listdir(directory)) == ["2"]
   assert manager.latest_step() == 2
 

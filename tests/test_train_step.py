@@ -12,7 +12,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import synthetic
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import config as config_lib
-from retinanet_jax import labeling, losses, train_state, train_step
+from retinanet_jax import labeling, losses
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.training import train_state, train_step
 from tests.test_losses import make_problem
 
 SIZE = 64
@@ -81,7 +83,7 @@ def test_global_normalization_across_devices():
 
 def _setup(config, devices):
   config = config_lib.Config.from_config_dict(config)
-  mesh = train_state.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices)
   setup = train_state.create_train_state(config, mesh)
   anchors = anchor_lib.generate_anchors((SIZE, SIZE), config=config.anchors).boxes
   return config, mesh, setup, train_step.compile_train_step(setup, config, mesh, anchors)

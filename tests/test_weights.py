@@ -19,7 +19,8 @@ from torchvision.models.detection.retinanet import RetinaNet as TorchRetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import checkpoints, weights
+from retinanet_jax import checkpoints
+from retinanet_jax.checkpoints import weights
 from retinanet_jax.models import preprocessing, retinanet, resnet
 
 forward = nnx.jit(lambda model, images: model(images))
@@ -204,7 +205,7 @@ def test_detectron2_model_outputs_follow_permuted_anchors(detectron2_r50):
   by running our network with the unpermuted predictor."""
   _, config, ours = detectron2_r50
   model = nnx.eval_shape(lambda: retinanet.build_model(config, rngs=nnx.Rngs(0)))
-  weights.load_into(model, ours)
+  checkpoints.load_into(model, ours)
   x = jax.random.normal(jax.random.key(0), (1, 64, 96, 3))
   logits, deltas = forward(model, x)
   # Undo the permutation in the predictors: the network then emits detectron2's order.
@@ -341,11 +342,11 @@ def test_torchvision_checkpoint_end_to_end(tmp_path):
   backbone_state = checkpoints.read_model_state(str(tmp_path / "converted"))[0]["backbone"]
   other = nnx.eval_shape(lambda: retinanet.build_model(dict(backbone="resnet18", norm="sync_bn",
                                                            freeze_at=0), rngs=nnx.Rngs(1)))
-  weights.load_into(other.backbone, backbone_state)
+  checkpoints.load_into(other.backbone, backbone_state)
   np.testing.assert_array_equal(other.backbone.res3[0].conv1.norm.mean[...],
                                 reference.backbone.body.layer2[0].bn1.running_mean.numpy())
   with pytest.raises(ValueError, match="missing"):
-    weights.load_into(other, backbone_state)
+    checkpoints.load_into(other, backbone_state)
 
 
 def test_coco80_class_slicing():

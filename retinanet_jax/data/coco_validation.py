@@ -30,6 +30,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
+from etils import epath
 from PIL import Image
 
 _INT32_MAX = 2**31 - 1
@@ -214,7 +215,6 @@ def write_report(report: Report, path: str) -> None:
 
 def read_annotations(path: str, report: Report, *, split: str | None = None) -> dict | None:
   """The parsed JSON object of `path`, or None (with the problem added to `report`)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     with epath.Path(path).open("r") as f:
       obj = json.load(f)

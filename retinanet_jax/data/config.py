@@ -14,7 +14,7 @@ import dataclasses
 
 import ml_collections
 
-from retinanet_jax import typed_config
+from retinanet_jax.runtime import typed_config
 from retinanet_jax.data import synthetic
 
 MODES = ("resize", "lsj", "fixed")

@@ -251,7 +251,7 @@ def ensure_synthetic_dataset(data_config: ml_collections.ConfigDict) -> str:
   if data_config.name != SYNTHETIC_NAME:
     raise ValueError(f"data.name must be {SYNTHETIC_NAME!r}, got {data_config.name!r}")
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # local, as jax above
     if jax.process_index() == 0:
       _build_synthetic_locked(data_config)
     multihost_utils.sync_global_devices("retinanet_jax.ensure_synthetic_dataset")

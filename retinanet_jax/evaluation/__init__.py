@@ -1,17 +1,16 @@
-"""Evaluation: COCO metrics with pycocotools (`coco.py`), the pedestrian log-average miss rate
-(`miss_rate.py`) and the `Evaluator` that runs a model over an evaluation split (`evaluator.py`),
-used by training, scripts/evaluate.py and the benchmark.
-
-The pycocotools functions are re-exported here (`evaluation.coco_evaluate`, ...) since they need no
-JAX; `Evaluator` is imported from `retinanet_jax.evaluation.evaluator`.
+"""Evaluation: a model run over datasets and scored. `evaluator.Evaluator` runs a model over an
+evaluation split (training's evaluations, scripts/evaluate.py, the benchmark), `evaluator.evaluate_saved`
+evaluates a saved model, `multi_domain` one model on several COCO-format folders (COCO-O's domains).
+The scores themselves are `retinanet_jax.metrics` (COCO AP, miss rate, counting), whose COCO
+functions are re-exported here (`evaluation.coco_evaluate`, ...) with `format_report`.
 """
 
-from retinanet_jax.evaluation import coco as _coco
-from retinanet_jax.evaluation import miss_rate as _miss_rate
-from retinanet_jax.evaluation.coco import (BACKENDS, DEFAULT_MAX_DETS, METRIC_NAMES, CocoResult,
-                                           coco_evaluate, detections_to_coco, evaluate_detections,
-                                           format_table, metric_names, write_metrics)
-from retinanet_jax.evaluation.miss_rate import MissRateResult, evaluate_miss_rate
+from retinanet_jax.metrics import coco as _coco
+from retinanet_jax.metrics import miss_rate as _miss_rate
+from retinanet_jax.metrics.coco import (BACKENDS, DEFAULT_MAX_DETS, METRIC_NAMES, CocoResult,
+                                        coco_evaluate, detections_to_coco, evaluate_detections,
+                                        format_table, metric_names, write_metrics)
+from retinanet_jax.metrics.miss_rate import MissRateResult, evaluate_miss_rate
 
 
 def format_report(result) -> str:

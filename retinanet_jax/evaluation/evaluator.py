@@ -16,24 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retinanet_jax import anchors as anchor_lib
+from retinanet_jax import checkpoints
 from retinanet_jax import config as config_lib
+from retinanet_jax import data as data_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
-from retinanet_jax.evaluation import coco
-from retinanet_jax.evaluation import counting
-from retinanet_jax.evaluation import miss_rate
+from retinanet_jax.metrics import coco
+from retinanet_jax.metrics import counting
+from retinanet_jax.metrics import miss_rate
 from retinanet_jax.models import preprocessing
-from retinanet_jax.train_state import DATA_AXIS
-
-import numpy as np
+from retinanet_jax.runtime import console
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.runtime.mesh import DATA_AXIS
 
 
 def eval_step(graphdef, params, rest, batch: dict, *, anchor_set: anchor_lib.AnchorSet,
@@ -99,8 +103,6 @@ class Evaluator:
     (`model_description.ModelDescription`: anchors, input convention, label map) and `graphdef`
     (evaluation mode). `step_fn`: the compiled step of another evaluator of the same model,
     geometry and settings (multi-domain evaluation), reused instead of compiling a new one."""
-    from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-
     eval_input = data_lib.make_eval_input(data_config, global_batch_size=eval_config.batch_size,
                                           mesh=mesh)
     image_hw = data_lib.padded_hw(data_lib.TransformConfig.from_data_config(data_config))
@@ -136,8 +138,6 @@ class Evaluator:
     Detections of every host are gathered to every host; padded examples are dropped. Raises if an
     image of the ground truth was never evaluated or was evaluated twice.
     """
-    from retinanet_jax import console  # pylint: disable=import-outside-toplevel
-
     detections, evaluated = [], []
     batches = console.progress(self.eval_input, desc=f"Evaluating {self.num_images} images",
                                total=len(self.eval_input))  # one line, on a terminal only
@@ -184,12 +184,6 @@ def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
   evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
-  import os  # pylint: disable=import-outside-toplevel
-
-  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import train_state  # pylint: disable=import-outside-toplevel
-
   if config is None:
     try:
       config = config_lib.load_run_config(path)
@@ -199,7 +193,7 @@ def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
   if config.data.name == "synthetic":
     data_lib.ensure_synthetic_dataset(config.data)
   loaded = checkpoints.load_model(path)
-  mesh = train_state.make_mesh()
+  mesh = mesh_lib.make_mesh()
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
   result, detections = evaluator.evaluate(replicate(loaded.params, mesh),

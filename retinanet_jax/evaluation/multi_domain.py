@@ -38,7 +38,17 @@ import os
 import re
 from typing import Sequence
 
-from retinanet_jax.evaluation import coco
+import jax
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+from retinanet_jax import checkpoints
+from retinanet_jax import config as config_lib
+from retinanet_jax import data as data_lib
+from retinanet_jax.data import coco_format
+from retinanet_jax.evaluation import evaluator as evaluator_lib
+from retinanet_jax.metrics import coco
+from retinanet_jax.runtime import mesh as mesh_lib
 
 IMAGES_DIR = "val2017"
 ANNOTATIONS_FILE = os.path.join("annotations", "instances_val2017.json")
@@ -103,11 +113,6 @@ def dataset_name(domain: Domain) -> str:
 def cached_dataset(domain: Domain, *, data_dir: str | None) -> str:
   """The TFDS name of `domain`'s copy in `data_dir` (None: TFDS's default), built when absent
   (module docstring). Processes of one job: process 0 builds, the others wait for it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-  from retinanet_jax.data import coco_format  # pylint: disable=import-outside-toplevel
-
   name = dataset_name(domain)
   folder = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
 
@@ -139,7 +144,6 @@ def cached_dataset(domain: Domain, *, data_dir: str | None) -> str:
         fcntl.flock(lock, fcntl.LOCK_UN)
 
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     if jax.process_index() == 0:
       build()
     multihost_utils.sync_global_devices(f"retinanet_jax.multi_domain.{name}")
@@ -236,14 +240,6 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
     output_dir: writes `multi_domain_<step|converted>.json` there (the `to_json()` of the result,
       plus the checkpoint) when given.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import train_state  # pylint: disable=import-outside-toplevel
-  from retinanet_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
-
   if not domains:
     raise ValueError("no domains given")
   if config is None:
@@ -257,7 +253,7 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
                                   f"evaluation reports COCO AP; use 'coco'"])
   cache = data_dir if data_dir is not None else config.data.data_dir
   loaded = checkpoints.load_model(path)
-  mesh = train_state.make_mesh()
+  mesh = mesh_lib.make_mesh()
   params = evaluator_lib.replicate(loaded.params, mesh)
   rest = evaluator_lib.replicate(loaded.rest, mesh)
   step_fn = None

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from retinanet_jax import collectives
+from retinanet_jax.runtime import collectives
 
 
 def main(argv):

@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from retinanet_jax import weights
+from retinanet_jax import checkpoints
+from retinanet_jax.checkpoints import weights
 from retinanet_jax.models import retinanet, resnet
 
 forward = nnx.jit(lambda model, images: model(images))
@@ -57,7 +58,7 @@ def _converted_backbone(reference, config):
                                            stride_in_1x1=config.stride_in_1x1)
   converted = weights.convert_state_dict(state, source="torchvision_backbone", model_config=model_config)
   ours = nnx.eval_shape(lambda: resnet.ResNet(config, rngs=nnx.Rngs(0)))
-  weights.load_into(ours, converted["backbone"])
+  checkpoints.load_into(ours, converted["backbone"])
   return ours
 
 

@@ -11,7 +11,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resne
 
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import boxes as box_lib
-from retinanet_jax import weights
+from retinanet_jax.checkpoints import weights
 from retinanet_jax.models import preprocessing, retinanet
 
 from torchvision_reference import (convert_torchvision, find_photo, match_detections, our_detections,

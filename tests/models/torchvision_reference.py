@@ -13,7 +13,8 @@ from flax import nnx
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 from benchmarks.networks import informative_weights
-from retinanet_jax import weights
+from retinanet_jax import checkpoints
+from retinanet_jax.checkpoints import weights
 from retinanet_jax.models import retinanet
 
 TORCHVISION_BUILDERS = {"torchvision_v1": retinanet_resnet50_fpn,
@@ -56,7 +57,7 @@ def convert_torchvision(model, source: str, *, dtype: str = "float32") -> retina
   fields = {**weights.source_defaults(source)["model"], "norm_epsilon": 1e-5, "dtype": dtype}
   config = retinanet.RetinaNetConfig(**fields)
   ours = nnx.eval_shape(lambda: retinanet.build_model(config, rngs=nnx.Rngs(0)))
-  weights.load_into(ours, weights.convert_state_dict(torchvision_state_dict(model), source=source,
+  checkpoints.load_into(ours, weights.convert_state_dict(torchvision_state_dict(model), source=source,
                                                      model_config=config))
   return ours
 

@@ -27,6 +27,10 @@ import sys
 import textwrap
 from typing import Callable, Optional
 
+from absl import app, flags
+
+from retinanet_jax.runtime import console
+
 SUCCESS = 0
 UNEXPECTED = 1
 USAGE = 2
@@ -60,7 +64,6 @@ def exit_code_of(error: BaseException) -> Optional[int]:
   """The exit code of an expected failure, or None for an unexpected one (module docstring)."""
   if isinstance(error, KnownError):
     return error.exit_code
-  from absl import app  # pylint: disable=import-outside-toplevel
   if isinstance(error, app.UsageError):
     return USAGE
   if isinstance(error, FileExistsError):
@@ -101,7 +104,6 @@ def paragraph(error: BaseException) -> str:
 
 def report(error: BaseException, code: int) -> None:
   """Prints `paragraph(error)` to stderr (and to `workdir/log.txt` when the console has one)."""
-  from retinanet_jax import console  # pylint: disable=import-outside-toplevel
   text = paragraph(error)
   console.to_log_file(text + f"\n(exit code {code})")
   print(text, file=sys.stderr, flush=True)
@@ -109,7 +111,6 @@ def report(error: BaseException, code: int) -> None:
 
 def _parse_flags(argv):
   """absl's flag parsing, exiting with `USAGE` (not 1) on a bad flag or config override."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -123,15 +124,13 @@ def _parse_flags(argv):
     details = str(e).strip("\"'")
     print(f"error: cannot apply the command line flags ({type(e).__name__}: {details!r}); a "
           f"--config.SECTION.FIELD override must name an existing field of the config "
-          f"(retinanet_jax/config.py) and give a value of its type.", file=sys.stderr)
+          f"(retinanet_jax/config/) and give a value of its type.", file=sys.stderr)
     sys.exit(USAGE)
 
 
 def run(main: Callable) -> None:
   """`absl.app.run(main)`, where an expected failure (`exit_code_of`) ends with its paragraph and
   exit code instead of a traceback. Unexpected exceptions propagate (traceback, exit code 1)."""
-  from absl import app  # pylint: disable=import-outside-toplevel
-
   def wrapped(argv):
     try:
       return main(argv)

@@ -9,6 +9,7 @@ import os
 
 import jax
 import numpy as np
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
 
@@ -22,13 +23,11 @@ class Writer:
     self._log_path = os.path.join(workdir, "log.txt")
     self._metrics_path = os.path.join(workdir, "metrics.jsonl")
     if self.enabled:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
       self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     with self._writer.as_default():
       for name, value in values.items():
         tf.summary.scalar(name, float(value), step=step)

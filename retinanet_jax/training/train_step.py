@@ -33,12 +33,13 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from retinanet_jax import collectives
 from retinanet_jax import config as config_lib
 from retinanet_jax import labeling
 from retinanet_jax import losses
 from retinanet_jax.models import preprocessing
-from retinanet_jax.train_state import DATA_AXIS, TrainSetup, TrainState
+from retinanet_jax.runtime import collectives
+from retinanet_jax.runtime.mesh import DATA_AXIS
+from retinanet_jax.training.train_state import TrainSetup, TrainState
 
 
 def loss_normalizer(num_positives, *, mode: str, ema_state=None, momentum: float = 0.9,

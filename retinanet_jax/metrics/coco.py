@@ -283,7 +283,7 @@ def _cocoeval(gt: dict, detections: list[dict], *, backend: str):
   """
   if backend == "faster_coco_eval":
     try:
-      import faster_coco_eval  # pylint: disable=import-outside-toplevel
+      import faster_coco_eval  # the optional engine (extra 'faster_eval')  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ImportError(f"eval.backend='faster_coco_eval' needs the optional package "
                         f"faster-coco-eval, which is not installed: {FASTER_COCO_EVAL_PIP} (or, in this "
@@ -294,8 +294,8 @@ def _cocoeval(gt: dict, detections: list[dict], *, backend: str):
     coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
     return faster_coco_eval.COCOeval_faster(coco_gt, coco_dt, iouType="bbox",
                                             print_function=quiet)
-  from pycocotools.coco import COCO  # pylint: disable=import-outside-toplevel
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=import-outside-toplevel
+  from pycocotools.coco import COCO  # imports matplotlib: only when evaluating  # pylint: disable=import-outside-toplevel
+  from pycocotools.cocoeval import COCOeval  # as above  # pylint: disable=import-outside-toplevel
   coco_gt = COCO()
   coco_gt.dataset = gt
   coco_gt.createIndex()

@@ -34,18 +34,18 @@ copies a pure dict into a module with the same checks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
 from retinanet_jax import anchors as anchor_lib
+from retinanet_jax.checkpoints import storage
+from retinanet_jax.checkpoints.model_description import ModelDescription
 from retinanet_jax.data.labels import LabelMap
-from retinanet_jax.model_description import ModelDescription
 from retinanet_jax.models import preprocessing
 from retinanet_jax.models import retinanet as retinanet_lib
 
@@ -389,29 +389,8 @@ def describe_source(*, source: str, source_file: str, model_config, input_conven
               "class_mapping": class_mapping})
 
 
-def load_into(module: nnx.Module, state: dict) -> None:
-  """Copies the pure dict `state` into `module`'s variables as `jax.Array`s (same paths and shapes,
-  any variable types: a frozen checkpoint loads into a trainable model and vice versa).
-
-  `module` may be abstract (`nnx.eval_shape(lambda: build_model(...))`), which skips the random
-  initialization."""
-  model_state = nnx.state(module)
-  ours = {tuple(p): v for p, v in nnx.to_flat_state(model_state)}
-  theirs = traverse_util.flatten_dict(state)
-  missing = sorted(str(p) for p in ours.keys() - theirs.keys())
-  unexpected = sorted(str(p) for p in theirs.keys() - ours.keys())
-  mismatched = [f"{p}: model {tuple(ours[p].shape)}, checkpoint {tuple(np.shape(theirs[p]))}"
-                for p in ours.keys() & theirs.keys() if tuple(ours[p].shape) != tuple(np.shape(theirs[p]))]
-  if missing or unexpected or mismatched:
-    raise ValueError(f"state does not fit {type(module).__name__}:\n  missing: {missing}\n"
-                     f"  unexpected: {unexpected}\n  shape mismatches: {mismatched}")
-  nnx.replace_by_pure_dict(model_state, jax.tree.map(jnp.asarray, state))
-  nnx.update(module, model_state)
-
-
 def sha256_prefix(path: str) -> str:
   """The first 8 hex digits of the file's SHA-256 (torch.hub's file-name hash)."""
-  import hashlib  # pylint: disable=import-outside-toplevel
 
   digest = hashlib.sha256()
   with open(path, "rb") as f:
@@ -462,6 +441,5 @@ def convert(source_file: str, output_dir: str, *, source: str, backbone: str = "
   description = describe_source(source=source, source_file=source_file, model_config=config,
                                 input_convention=defaults["input_convention"],
                                 anchor_config=anchor_config, class_mapping=class_mapping)
-  from retinanet_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  checkpoints.save_model(output_dir, state, description)
+  storage.save_model(output_dir, state, description)
   return description

@@ -3,18 +3,18 @@
     config = Config.from_config_dict(FLAGS.config)   # at the command-line boundary
     config.loss.gamma, config.train.base_lr, config.runtime.donate_state
 
-`configs/*.py` are `ml_collections` files (`get_config(arg)`) that start from `default_config()`, the
-paper's setting, and change a few fields; `--config.SECTION.FIELD=VALUE` overrides a leaf. The library
-reads only `Config`: `Config.from_config_dict` checks every field of every section in one pass (unknown
-names, values outside a field's choices, inconsistent values) and raises one `typed_config.ConfigError`
-listing them all, each with the field's path, the value and the allowed values, before anything is
-compiled.
+`configs/*.py` are `ml_collections` files (`get_config(arg)`) that start from `default_config()`
+(config/files.py), the paper's setting, and change a few fields; `--config.SECTION.FIELD=VALUE`
+overrides a leaf. The library reads only `Config`: `Config.from_config_dict` checks every field of
+every section in one pass (unknown names, values outside a field's choices, inconsistent values) and
+raises one `typed_config.ConfigError` listing them all, each with the field's path, the value and the
+allowed values, before anything is compiled.
 
 Sections:
   model    `models.retinanet.RetinaNetConfig`: the architecture (stored in checkpoints).
   anchors  `anchors.AnchorConfig` (stored in checkpoints).
   matching `MatchingConfig`: anchor labelling (`labeling.label_anchors`).
-  loss     `LossConfig`: focal and box losses (`losses`), and the normalizer (`train_step`).
+  loss     `LossConfig`: focal and box losses (`losses`), and the normalizer (`training/train_step`).
   data     `data.config.DataConfig`: the input pipeline.
   train    `TrainConfig`: optimizer, schedule, loop, checkpoints.
   eval     `EvalConfig`: post-processing and evaluation.
@@ -22,7 +22,7 @@ Sections:
            gradients, donation, reduction order, XLA flags, the compilation cache). Never persisted.
 Top-level fields: `seed`, `input_convention`, `init_from`, `init_mode`.
 
-Which reference implementation uses which value is said at each field (README's table).
+Which reference implementation uses which value is said at each field (docs/configs.md's table).
 """
 
 from __future__ import annotations
@@ -30,24 +30,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
-import os
-import re
 from typing import Optional
 
 import ml_collections
 
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import collectives
 from retinanet_jax import losses
 from retinanet_jax import matching
 from retinanet_jax import postprocess
-from retinanet_jax import typed_config
-from retinanet_jax import xla_flags
+from retinanet_jax.config import derived
 from retinanet_jax.data import config as data_config_lib
-from retinanet_jax.evaluation import coco as coco_lib
-from retinanet_jax.data import synthetic as synthetic_lib
+from retinanet_jax.metrics import coco as coco_lib
 from retinanet_jax.models import convolution
 from retinanet_jax.models import retinanet as retinanet_lib
+from retinanet_jax.runtime import collectives
+from retinanet_jax.runtime import typed_config
+from retinanet_jax.runtime import xla_flags
 
 ConfigError = typed_config.ConfigError
 
@@ -61,10 +59,6 @@ INPUT_CONVENTIONS = ("torchvision", "caffe", "caffe_fair")
 EVAL_METRICS = ("coco", "miss_rate")
 ON_DAMAGED_CHECKPOINT = ("fall_back", "stop")
 ON_DIVERGENCE = ("warn", "stop", "skip", "off")
-VARIANTS = ("", "smoke")
-# Written into a training run's workdir: the config without its runtime section (evaluate.py reads
-# the data and evaluation settings from it).
-RUN_CONFIG_FILE = "config.json"
 
 
 def _choice(default, options):
@@ -278,7 +272,7 @@ class RuntimeConfig:
     grad_reduction: 'psum' (XLA's all-reduce) or 'ordered' (sums in device order on any layout:
       the same bits on 1 host x 4 devices and 2 x 2; collectives.py).
     xla_flags_cpu: XLA flags for the CPU backend, applied by the scripts before JAX starts
-      (retinanet_jax/xla_flags.py; a flag already in $XLA_FLAGS wins; '' adds none).
+      (retinanet_jax/runtime/xla_flags.py; a flag already in $XLA_FLAGS wins; '' adds none).
     compilation_cache_dir: JAX's persistent compilation cache; '{workdir}' stands for --workdir;
       '' turns it off; $JAX_COMPILATION_CACHE_DIR, if set, wins.
     matching_block_size: ground-truth slots per block of the anchor-box IoU in matching
@@ -344,7 +338,7 @@ class Config:
     values = copy.deepcopy(typed_config.as_dict(config))  # derive_fields edits it
     problems = typed_config.check_fields(cls, values, prefix="")
     if not problems:
-      problems = derive_fields(values)
+      problems = derived.derive_fields(values)
     if problems:
       raise ConfigError(problems)
     sections = {}
@@ -382,110 +376,3 @@ class Config:
     """From `to_json()`'s dict (a run's `config.json`); the runtime section takes its defaults."""
     return cls.from_config_dict(obj)
 
-
-def synthetic_sizes(size: int) -> dict:
-  """The data fields that `data.config.synthetic_data_config()` derives from the synthetic
-  dataset's `image_size`: native size, no rescaling, padded to 128 (or 32 when 128 does not
-  divide it)."""
-  return {"train_min_size_range": (size, size), "eval_min_size": size, "max_size": size,
-          "image_size": size, "pad_multiple": 32 if size % 128 else 128}
-
-
-_SLICE = re.compile(r"^\s*(\w+)\s*\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]\s*$")
-
-
-def derive_fields(values: dict) -> list[str]:
-  """Recomputes, in `values` (a config as nested dicts, after the command line's overrides), the
-  fields derived from another one, and returns the problems of those that cannot agree.
-
-  With the built-in synthetic dataset (`data.name == 'synthetic'`), the five input sizes
-  (`synthetic_sizes`) follow `data.synthetic.image_size`: when they still hold the values derived
-  from another size (a config file set them, then `--config.data.synthetic.image_size=64` changed
-  the source), they are derived again from the new size. Sizes set to anything else are the user's
-  choice (training at another size than the native one) and are kept. A split slice that reaches
-  past the synthetic split's size (`validation[:16]` with `num_validation=8`) is a problem naming
-  both fields (TFDS would fail later, deep in its reader).
-  """
-  data = values.get("data")
-  if not isinstance(data, dict) or data.get("name") != "synthetic":
-    return []
-  synthetic = data.get("synthetic")
-  if not isinstance(synthetic, dict):
-    return []
-  defaults = synthetic_lib.SyntheticConfig()
-  size = synthetic.get("image_size", defaults.image_size)
-  current = {k: (tuple(data[k]) if isinstance(data.get(k), (list, tuple)) else data.get(k))
-             for k in synthetic_sizes(0)}
-  old = current["eval_min_size"]
-  if isinstance(old, int) and old != size and current == synthetic_sizes(old):
-    data.update(synthetic_sizes(size))
-  problems = []
-  counts = {"train": synthetic.get("num_train", defaults.num_train),
-            "validation": synthetic.get("num_validation", defaults.num_validation)}
-  for field in ("train_split", "eval_split"):
-    match = _SLICE.match(str(data.get(field, "")))
-    if not match or match.group(1) not in counts:
-      continue
-    split, end = match.group(1), match.group(3)
-    count_field = "num_train" if split == "train" else "num_validation"
-    if end and not end.startswith("-") and int(end) > counts[split]:
-      problems.append(f"data.{field}: {data[field]!r} reaches image {end} but the synthetic "
-                      f"{split!r} split has data.synthetic.{count_field}={counts[split]} images; "
-                      f"use {split}[:{counts[split]}] or less, or {split!r}")
-  return problems
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The paper's setting (R-50-FPN, COCO 2017, detectron2's 1x schedule) as a `ConfigDict`: the
-  base of `configs/*.py`."""
-  return Config().to_config_dict()
-
-
-def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Structural variants of a config file (`--config=configs/x.py:smoke`): '' or 'smoke' (a couple
-  of tiny steps at 128 px: checks that everything runs)."""
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}; expected one of {VARIANTS}")
-  if arg == "smoke":
-    c.data.train_min_size_range = (128, 128)
-    c.data.eval_min_size = 128
-    c.data.max_size = 128
-    c.data.eval_split = "validation[:8]"
-    c.train.batch_size = 4
-    c.train.steps = 2
-    c.train.warmup_steps = 0
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.eval.batch_size = 4
-    c.eval.num_images_png = 2
-  return c
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(variant)` of a config file, `PATH[:VARIANT]` as on the command line (for
-  notebooks, and for config files built on another one)."""
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(
-      "retinanet_config_" + os.path.splitext(os.path.basename(path))[0], path)
-  if module_spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"no config file {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant or None)
-
-
-def load_run_config(path: str) -> Config:
-  """The typed config of the training run that `path` (its workdir, or a folder up to three levels
-  below it, e.g. a step's checkpoint) belongs to, from its `config.json`."""
-  import json  # pylint: disable=import-outside-toplevel
-
-  folder = os.path.abspath(path)
-  for _ in range(4):
-    candidate = os.path.join(folder, RUN_CONFIG_FILE)
-    if os.path.isfile(candidate):
-      with open(candidate) as f:
-        return Config.from_json(json.load(f))
-    folder = os.path.dirname(folder)
-  raise FileNotFoundError(f"{path} is not inside a training run (no {RUN_CONFIG_FILE} in or above "
-                          f"it)")

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from retinanet_jax import errors
+from retinanet_jax.runtime import errors
 
 
 class ConfigError(errors.KnownError, ValueError):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shlex
 
+import jax
+
 # Convolutions through XLA's Eigen emitter instead of the YNNPACK library call. YNNPACK computes the
 # weight gradient of a convolution as a convolution whose "feature" dimension is the batch (2 images):
 # the activations are first transposed to [C, H, W, B] and the contraction then runs 2-wide, at a
@@ -48,7 +50,7 @@ def merge_flags(current: str, extra) -> str:
 def backend_initialized() -> bool:
   """Whether JAX has created a backend (after which `$XLA_FLAGS` is no longer read)."""
   try:
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    from jax._src import xla_bridge  # jax's private module, read only here  # pylint: disable=import-outside-toplevel
   except ImportError:
     return False
   check = getattr(xla_bridge, "backends_are_initialized", None)
@@ -93,8 +95,6 @@ def enable_compilation_cache(path: str, *, min_compile_time_secs: float = 1.0,
   the same JAX/XLA version, flags and devices loads the executable instead of compiling it. The cache
   is trusted code: never point it at a directory others can write.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)

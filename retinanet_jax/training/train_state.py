@@ -24,12 +24,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retinanet_jax import config as config_lib
-from retinanet_jax import model_description as description_lib
-from retinanet_jax import optimizer as optimizer_lib
+from retinanet_jax.checkpoints import model_description as description_lib
+from retinanet_jax.checkpoints import model_state
+from retinanet_jax.checkpoints import storage
 from retinanet_jax.models import retinanet as retinanet_lib
-
-DATA_AXIS = "data"
-
+from retinanet_jax.training import optimizer as optimizer_lib
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -98,12 +97,6 @@ class TrainSetup:
   num_trained: int
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh `('data',)` over `devices` (default: every device of every host)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
-
-
 def build_model(config: config_lib.Config, *, seed: Optional[int] = None) -> retinanet_lib.RetinaNet:
   """The RetinaNet of `config.model`, randomly initialized with `seed` (default `config.seed`)."""
   return retinanet_lib.build_model(config.model, rngs=nnx.Rngs(config.seed if seed is None else seed),
@@ -113,9 +106,7 @@ def build_model(config: config_lib.Config, *, seed: Optional[int] = None) -> ret
 def load_initial_weights(model: nnx.Module, config: config_lib.Config, path: str) -> str:
   """Copies the weights saved at `path` (any `checkpoints.load_model` layout) into `model`: the
   whole model or its backbone (`config.init_mode`). Returns a line for the log."""
-  from retinanet_jax import checkpoints, weights  # pylint: disable=import-outside-toplevel
-
-  state, description = checkpoints.read_model_state(path)
+  state, description = storage.read_model_state(path)
   if description.input_convention != config.input_convention:
     raise ValueError(f"{path} was trained with input_convention {description.input_convention!r} "
                      f"but the config says {config.input_convention!r}; set "
@@ -123,7 +114,7 @@ def load_initial_weights(model: nnx.Module, config: config_lib.Config, path: str
   backbone_only = config.init_mode == "backbone"
   if not backbone_only and description.kind != "retinanet":
     raise ValueError(f"{path} holds a {description.kind} only; use init_mode='backbone'")
-  weights.load_into(model.backbone if backbone_only else model,
+  model_state.load_into(model.backbone if backbone_only else model,
                     state["backbone"] if backbone_only else state)
   return f"Initialized {'backbone' if backbone_only else 'model'} from {path}"
 
@@ -147,8 +138,7 @@ def create_train_state(config: config_lib.Config, mesh: jax.sharding.Mesh, *,
   if abstract or initial_weights is not None:
     model = nnx.eval_shape(lambda: build_model(config))
     if initial_weights is not None:
-      from retinanet_jax import weights  # pylint: disable=import-outside-toplevel
-      weights.load_into(model, initial_weights)
+      model_state.load_into(model, initial_weights)
       abstract = False
   else:
     model = build_model(config)

@@ -1,4 +1,4 @@
-"""ONNX export of the detector of `export.py` (same inputs, outputs and side files), run with
+"""ONNX export of the detector of `deploy/function.py` (same inputs, outputs and side files), run with
 onnxruntime.
 
 What is in the graph, and by whom:
@@ -49,6 +49,7 @@ from jax.extend import core as jax_core
 
 from retinanet_jax import anchors as anchor_lib
 from retinanet_jax import postprocess
+from retinanet_jax.deploy import function as export
 
 ONNX_FILE = "model.onnx"
 OPSET = 23
@@ -104,8 +105,6 @@ def candidate_function(loaded, *, spec):
   [B, N])`, weights inlined: `postprocess.detection_candidates` after the network, padded to at
   least `D` candidates (score `-inf`), with `class_scores[b, k, n] = scores[b, n]` if `classes[b, n]
   == k` else `-inf` (the scores input of ONNX's NonMaxSuppression)."""
-  from retinanet_jax import export  # pylint: disable=import-outside-toplevel
-
   network, state = export.network_function(loaded, spec=spec)
   state = jax.tree.map(jnp.asarray, state)
   anchor_set = anchor_lib.generate_anchors(spec.image_size, config=loaded.description.anchors)
@@ -131,7 +130,7 @@ def candidate_function(loaded, *, spec):
 def _nms_graph(batch: int, num_candidates: int, *, spec):
   """Nodes and initializers that turn the four candidate tensors into `boxes, scores, classes,
   valid` (module docstring)."""
-  from onnx import TensorProto, helper  # pylint: disable=import-outside-toplevel
+  from onnx import TensorProto, helper  # optional extra (requirements-onnx.txt)  # pylint: disable=import-outside-toplevel
 
   def const(name, value, dtype):
     return helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist())
@@ -196,8 +195,9 @@ def _quiet_jax2onnx():
 def check_available() -> None:
   """Raises ImportError, saying how to install them, if jax2onnx or onnx are missing."""
   try:
-    import jax2onnx  # pylint: disable=import-outside-toplevel,unused-import
-    import onnx  # pylint: disable=import-outside-toplevel,unused-import
+    # The optional ONNX extra (requirements-onnx.txt): imported only to see whether it is there.
+    import jax2onnx  # optional extra  # pylint: disable=import-outside-toplevel,unused-import
+    import onnx  # optional extra  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise ImportError(f"ONNX export needs onnx and jax2onnx ({e}); install them as README 'Deploy' "
                       f"says: pip install onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.31.1 && "
@@ -209,12 +209,10 @@ def export_onnx(loaded, path: str, *, spec) -> None:
   `images` uint8 `[B, H, W, 3]` and `image_hw` int32 `[B, 2]`, outputs `boxes`, `scores`,
   `classes`, `valid` (`export.py`), `B = spec.batch_size` fixed, weights as initializers. `loaded`:
   a float32 `checkpoints.LoadedModel`."""
-  from retinanet_jax import export  # pylint: disable=import-outside-toplevel
-
   if spec.batch_size is None:
     raise ValueError(export.FIXED_BATCH_MESSAGES["onnx"])
-  import jax2onnx  # pylint: disable=import-outside-toplevel
-  import onnx  # pylint: disable=import-outside-toplevel
+  import jax2onnx  # optional extra (requirements-onnx.txt)  # pylint: disable=import-outside-toplevel
+  import onnx  # optional extra  # pylint: disable=import-outside-toplevel
 
   images_spec, image_hw_spec = export.input_specs(spec)
   candidates = candidate_function(loaded, spec=spec)

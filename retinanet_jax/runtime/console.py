@@ -24,9 +24,12 @@ import io
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from typing import Iterable, Iterator, Optional
+
+from absl import logging as absl_logging
 
 _state = {"log_path": None, "verbose": False, "file_handler": None, "native_lines": ""}
 
@@ -43,13 +46,12 @@ def quiet_native_logs(argv: Optional[list[str]] = None) -> None:
   if verbose or "tensorflow" in sys.modules:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tempfile  # pylint: disable=import-outside-toplevel
-
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as buffer:
     os.dup2(buffer.fileno(), 2)
     try:
+      # The point of this function: TensorFlow imported with its start-up lines captured.
       import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       pass
@@ -65,8 +67,6 @@ def setup(*, verbose: bool = False, log_path: Optional[str] = None) -> None:
   """Routes the libraries' logging: to `log_path` (appended; every level from INFO), and to the
   console only at ERROR or above unless `verbose`. Replaces TFDS's progress bars by one progress
   line. May be called again (a script learns its workdir late)."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
   _state["verbose"], _state["log_path"] = verbose, log_path
   root = logging.getLogger()
   absl_logging.set_verbosity(absl_logging.INFO if (verbose or log_path) else absl_logging.ERROR)
@@ -293,7 +293,7 @@ def _single_line_tfds_progress() -> None:
   """TFDS draws its bars through `tqdm_utils.tqdm_lib.tqdm`; give it `_TqdmLine` instead (or turn
   the bars off if that module changed)."""
   try:
-    from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core.utils import tqdm_utils  # heavy (TFDS): only with a dataset  # pylint: disable=import-outside-toplevel
   except ImportError:
     return
   if hasattr(tqdm_utils, "tqdm_lib"):

@@ -23,16 +23,19 @@ from typing import Any
 import jax
 
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import checkpoints as checkpoints_lib
 from retinanet_jax import config as config_lib
-from retinanet_jax import console
-from retinanet_jax import errors
+from retinanet_jax import data as data_lib
 from retinanet_jax import evaluation
-from retinanet_jax.evaluation import counting
-from retinanet_jax import metric_writer
-from retinanet_jax import train_state as train_state_lib
-from retinanet_jax import train_step as train_step_lib
 from retinanet_jax.evaluation import evaluator as evaluator_lib
+from retinanet_jax.inference import visualization
+from retinanet_jax.metrics import counting
+from retinanet_jax.runtime import console
+from retinanet_jax.runtime import errors
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.training import metric_writer
+from retinanet_jax.training import run_checkpoints
+from retinanet_jax.training import train_state as train_state_lib
+from retinanet_jax.training import train_step as train_step_lib
 
 
 class NonFiniteLossError(errors.TrainingStopped):
@@ -73,8 +76,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Raises `NonFiniteLossError` at the first non-finite loss or gradient, naming the step and the
   checkpoint to resume from.
   """
-  from retinanet_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-
   # --- Config -----------------------------------------------------------------------------------
   config = config_lib.Config.from_config_dict(config)
   _check_batch_sizes(config)
@@ -85,7 +86,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer.log(config_summary(config, workdir))
 
   # --- Mesh -------------------------------------------------------------------------------------
-  mesh = train_state_lib.make_mesh()
+  mesh = mesh_lib.make_mesh()
   writer.log(f"Mesh: {jax.device_count()} devices ({jax.local_device_count()} local) on "
              f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}, platform "
              f"{jax.default_backend()}")
@@ -116,7 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   state = setup.state
 
   # --- Checkpoints ------------------------------------------------------------------------------
-  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=t.keep_checkpoints,
+  checkpoints = run_checkpoints.Checkpoints(workdir, keep=t.keep_checkpoints,
                                             description=description)
   # The newest checkpoint that restores; a damaged one is set aside or stops the run
   # (train.on_damaged_checkpoint). None: from scratch.
@@ -249,7 +250,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.eval.at_end:
     metrics_eval = run_eval(step, state)
     if config.eval.num_images_png and jax.process_index() == 0:
-      from retinanet_jax import visualization  # pylint: disable=import-outside-toplevel
       path = os.path.join(workdir, f"detections_{step}.png")
       with open(os.path.join(workdir, f"detections_{step}.json")) as f:
         detections = json.load(f)

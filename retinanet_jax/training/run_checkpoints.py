@@ -1,83 +1,31 @@
-"""Checkpoints: the training run's manager, and one loader for every kind of saved model.
-
-Layouts (all self-describing: `model_description.ModelDescription` says how to rebuild the model):
-
-  training run   `workdir/checkpoints/<step>/` with three Orbax items: `model` (the whole model
-                 state as a pure dict, `nnx.to_pure_dict(nnx.state(model))`), `optimizer` (step,
-                 optax state, loss-normalizer EMA, non-finite guard) and `description` (JSON);
-                 plus each host's input-iterator position in `workdir/input_state/<step>/`.
-  converted      `DIR/model/` (the same pure dict, Orbax) and `DIR/description.json`
-                 (scripts/convert_weights.py; ImageNet backbones hold the `backbone` subtree only).
-  first release  converted: `DIR/state/` + `DIR/metadata.json` (format 1): still loaded.
-                 training: `<step>/default` (one TrainState item, no description): needs the
-                 training config once, `python scripts/upgrade_checkpoint.py --config=CONFIG
-                 --checkpoint=OLD_RUN --output=NEW_RUN` writes the current layout into a new folder.
-
-`load_model(path)` reads any of them (a workdir, its `checkpoints/`, one step's folder, or a
-converted directory) and returns the model for inference without touching the optimizer state;
-`read_model_state(path)` returns the pure dict and description (for `init_from`).
-"""
+"""A training run's checkpoints: the Orbax manager of model, optimizer and description items, each
+host's input-iterator position, damaged checkpoints set aside, and the upgrade of the first release's
+runs. Saved models are read by `checkpoints.load_model` (retinanet_jax/checkpoints/storage.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
+import shutil
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx, traverse_util
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from retinanet_jax import errors
-from retinanet_jax import model_description as description_lib
-from retinanet_jax.train_state import TrainState
+from retinanet_jax.checkpoints import model_description as description_lib
+from retinanet_jax.checkpoints.errors import CheckpointError, DamagedCheckpointError, first_line
+from retinanet_jax.checkpoints.model_state import model_state_dict, split_model_state
+from retinanet_jax import config as config_lib
+from retinanet_jax.data import labels as labels_lib
+from retinanet_jax.runtime import mesh as mesh_lib
+from retinanet_jax.training import train_state as train_state_lib
+from retinanet_jax.training.train_state import TrainState
 
-DESCRIPTION_FILE = "description.json"
-LEGACY_METADATA_FILE = "metadata.json"
 ITEMS = ("model", "optimizer", "description")
-
-
-class CheckpointError(errors.KnownError, ValueError):
-  """A checkpoint that cannot be read as asked; the message says which path and what to do. Scripts
-  exit with `errors.CHECKPOINT` (4)."""
-
-  exit_code = errors.CHECKPOINT
-
-
-class DamagedCheckpointError(CheckpointError):
-  """A checkpoint whose files cannot be read back (truncated, cut short, corrupted): the message
-  names the step and the folder. `step` is None for converted weights."""
-
-  def __init__(self, message: str, *, path: str, step: Optional[int] = None):
-    super().__init__(message)
-    self.path, self.step = path, step
-
-
-# ----------------------------------------------------------------------------------------------
-# Model state as a pure dict
-
-
-def model_state_dict(params, rest) -> dict:
-  """The whole model state, trainable and not, as one nested dict of arrays (int keys for lists)."""
-  return nnx.to_pure_dict(nnx.merge_state(params, rest))
-
-
-def split_model_state(pure: dict, params_template, rest_template):
-  """`(params, rest)` shaped like the templates (`nnx.State`s), with the values of `pure`."""
-  flat = traverse_util.flatten_dict(pure)
-  flat = {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path): v
-          for path, v in flat.items()}
-  out = []
-  for template in (params_template, rest_template):
-    paths = [tuple(p) for p, _ in nnx.to_flat_state(template)]
-    part = jax.tree.map(lambda x: x, template)  # a copy to update
-    nnx.replace_by_pure_dict(part, traverse_util.unflatten_dict({p: flat[p] for p in paths}))
-    out.append(part)
-  return tuple(out)
 
 
 def _optimizer_item(state: TrainState, *, divergence: bool = True) -> dict:
@@ -154,8 +102,6 @@ class Checkpoints:
     overlapped whatever the main thread did next (in tests, TFDS's mocked file system, which is
     process-wide, made that listing fail at random).
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     if jax.process_index() == 0 and tf.io.gfile.isdir(self.directory):
       for tmp in ocp.utils.tmp_checkpoints(self.directory):  # TemporaryPath objects (Orbax 0.12)
         tf.io.gfile.rmtree(os.fspath(tmp.get()))
@@ -202,12 +148,11 @@ class Checkpoints:
       self._raise_mismatch(step, {"model": model_target, "optimizer": optimizer_target})
       raise DamagedCheckpointError(
           f"checkpoint step {step} in {folder} is damaged: its files cannot be read back "
-          f"({_first_line(e)})", path=folder, step=step) from e
+          f"({first_line(e)})", path=folder, step=step) from e
     params, rest = split_model_state(restored["model"], abstract_state.params, abstract_state.rest)
     opt = restored["optimizer"]
     divergence = opt.get("divergence")
     if divergence is None:  # written before the divergence guard: it starts afresh
-      from retinanet_jax import train_state as train_state_lib  # pylint: disable=import-outside-toplevel
       divergence = jax.device_put(
           train_state_lib.initial_divergence_state(abstract_state.divergence["recent"].shape[0]),
           abstract_state.step.sharding)
@@ -218,7 +163,7 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         raise DamagedCheckpointError(
             f"the input-iterator position of checkpoint step {step} in {where} is damaged or "
-            f"missing ({_first_line(e)})", path=where, step=step) from e
+            f"missing ({first_line(e)})", path=where, step=step) from e
     return TrainState(step=opt["step"], params=params, rest=rest, opt_state=opt["opt_state"],
                       normalizer=opt["normalizer"], nonfinite_step=opt["nonfinite_step"],
                       divergence=divergence)
@@ -281,8 +226,6 @@ class Checkpoints:
   def set_aside(self, step: int) -> list[str]:
     """Moves `step`'s checkpoint folder and input position (those that exist) into
     `workdir/damaged/` (process 0; all hosts wait); returns the new paths. Never deletes."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     moved = []
     for folder, kind in ((self.directory, "checkpoint"), (self.input_directory, "input_state")):
       source = os.path.join(folder, str(step))
@@ -307,8 +250,6 @@ class Checkpoints:
   def _remove_input_states(self, *, keep_below: Optional[int]) -> None:
     """Process 0 deletes the input positions of steps without a committed checkpoint (all of them,
     or only those below `keep_below`: a save of `keep_below` may still be in flight)."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     if jax.process_index() != 0 or not tf.io.gfile.isdir(self.input_directory):
       return
     kept = set(ocp.utils.checkpoint_steps(self.directory))  # committed ones, from disk
@@ -323,27 +264,6 @@ class Checkpoints:
     self.wait()
     self.manager.close()
 
-
-_STATUS = re.compile(r"\b(?:OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
-                     r"UNKNOWN|INTERNAL|PERMISSION_DENIED): [^\n]*")
-
-
-def _first_line(error: BaseException) -> str:
-  """The line of `error` (or of the errors it was raised from) that says what failed: a storage
-  status line ("OUT_OF_RANGE: Error reading ... in OCDBT database ...") when there is one."""
-  chain, seen = [], error
-  while seen is not None and len(chain) < 5:
-    chain.append(seen)
-    seen = seen.__cause__ or seen.__context__
-  for e in chain:
-    match = _STATUS.search(str(e))
-    if match:
-      line = match.group(0)
-      break
-  else:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-  return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _any_host(flag: bool) -> bool:
@@ -361,149 +281,6 @@ def _legacy_steps(directory: str) -> list[int]:
           if n.isdigit() and os.path.isdir(os.path.join(directory, n, "default"))]
 
 
-# ----------------------------------------------------------------------------------------------
-# Converted models
-
-
-def save_model(path: str, state: dict, description: description_lib.ModelDescription) -> None:
-  """Writes a converted model: `state` (a pure dict) to `path/model`, the description to
-  `path/description.json`."""
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, "model"), state, force=True)
-  with open(os.path.join(path, DESCRIPTION_FILE), "w") as f:
-    json.dump(description.to_json(), f, indent=2)
-
-
-# ----------------------------------------------------------------------------------------------
-# One loader
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-  """Where a saved model's two parts are: the state folder and the description (file or item)."""
-
-  state_dir: str
-  description: description_lib.ModelDescription
-  step: Optional[int]
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
-def _step_folder(path: str) -> tuple[str, int]:
-  """`(step folder, step)` for a workdir, its checkpoints folder, or one step's folder."""
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(path):
-    return path, int(base)
-  for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate):
-      steps = [int(n) for n in os.listdir(candidate)
-               if n.isdigit() and os.path.isdir(os.path.join(candidate, n))]
-      if steps:
-        return os.path.join(candidate, str(max(steps))), max(steps)
-  raise CheckpointError(
-      f"{path} is not a saved model: no {DESCRIPTION_FILE} (converted weights), no "
-      f"checkpoints/<step> (a training run) and not a step folder")
-
-
-def locate(path: str) -> Location:
-  """Finds the model state and description of `path` (module docstring's layouts)."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{path} does not exist")
-  if os.path.isfile(os.path.join(path, DESCRIPTION_FILE)):
-    where = os.path.join(path, DESCRIPTION_FILE)
-    return Location(os.path.join(path, "model"),
-                    description_lib.ModelDescription.from_json(_read_json(where), where=where), None)
-  if os.path.isfile(os.path.join(path, LEGACY_METADATA_FILE)):  # converted, first release
-    where = os.path.join(path, LEGACY_METADATA_FILE)
-    return Location(os.path.join(path, "state"),
-                    description_lib.ModelDescription.from_json(_read_json(where), where=where), None)
-  folder, step = _step_folder(path)
-  if os.path.isdir(os.path.join(folder, "default")):
-    raise CheckpointError(
-        f"{folder} is a checkpoint of the first release, which did not record its model; upgrade "
-        f"it once: python scripts/upgrade_checkpoint.py --config=ITS_TRAINING_CONFIG "
-        f"--checkpoint={path} --output=NEW_FOLDER")
-  if not os.path.isdir(os.path.join(folder, "model")):
-    raise CheckpointError(f"{folder} has no model item (an unfinished or damaged checkpoint?)")
-  where = os.path.join(folder, "description")
-  try:
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-      obj = checkpointer.restore(where)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpointError(
-        f"checkpoint step {step} in {folder} is damaged: its model description cannot be read "
-        f"({_first_line(e)}); use another step's folder (e.g. {os.path.dirname(folder)}/<step>)",
-        path=folder, step=step) from e
-  return Location(os.path.join(folder, "model"),
-                  description_lib.ModelDescription.from_json(obj, where=where), step)
-
-
-def _restore_numpy(state_dir: str, step: Optional[int] = None) -> dict:
-  """A pure dict saved by Orbax, as NumPy arrays (whatever devices wrote it), int list keys. Raises
-  `DamagedCheckpointError` when its files cannot be read back."""
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.metadata(state_dir).item_metadata.tree
-      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                              is_leaf=lambda x: hasattr(x, "shape"))
-      restored = checkpointer.restore(state_dir,
-                                      args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  except Exception as e:  # pylint: disable=broad-except
-    folder = os.path.dirname(state_dir)
-    what = f"checkpoint step {step} in {folder}" if step is not None else f"the model in {folder}"
-    hint = (f"; use an older step's folder ({os.path.dirname(folder)}/<step>) or rerun training "
-            f"to set it aside" if step is not None else "")
-    raise DamagedCheckpointError(f"{what} is damaged: its files cannot be read back "
-                                 f"({_first_line(e)}){hint}", path=folder, step=step) from e
-  restored = nnx.restore_int_paths(restored)
-  return traverse_util.unflatten_dict(
-      {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(restored)).items()})
-
-
-def read_model_state(path: str) -> tuple[dict, description_lib.ModelDescription]:
-  """`(pure state of NumPy arrays, description)` of any saved model (`locate`)."""
-  location = locate(path)
-  return _restore_numpy(location.state_dir, location.step), location.description
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A model ready for inference (evaluation mode), split as the eval step takes it."""
-
-  graphdef: Any
-  params: Any
-  rest: Any
-  description: description_lib.ModelDescription
-  step: Optional[int]
-
-  def module(self):
-    return nnx.merge(self.graphdef, self.params, self.rest)
-
-
-def load_model(path: str, *, dtype: Optional[str] = None) -> LoadedModel:
-  """The model saved at `path` (any layout of the module docstring) in evaluation mode; reads the
-  model item only (never the optimizer state). `dtype` overrides the computation dtype."""
-  from retinanet_jax import weights  # pylint: disable=import-outside-toplevel
-
-  location = locate(path)
-  if location.description.kind != "retinanet":
-    raise CheckpointError(f"{path} holds a {location.description.kind} only, not a detector "
-                          f"(use it as --config.init_from with init_mode='backbone')")
-  model = location.description.build_abstract_model(dtype=dtype)
-  weights.load_into(model, _restore_numpy(location.state_dir, location.step))
-  model.eval()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return LoadedModel(graphdef, params, rest, location.description, location.step)
-
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints of the first release
@@ -515,12 +292,6 @@ def upgrade_legacy_run(old_workdir: str, new_workdir: str, config) -> list[int]:
   positions, `label_map.json` and `config.json`. `config` is the run's training config (a
   `config.Config` or `ConfigDict`): it gives the model the old checkpoints did not describe.
   Returns the steps written. `old_workdir` is only read."""
-  import shutil  # pylint: disable=import-outside-toplevel
-
-  from retinanet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax import train_state as train_state_lib  # pylint: disable=import-outside-toplevel
-  from retinanet_jax.data import labels as labels_lib  # pylint: disable=import-outside-toplevel
-
   config = config_lib.Config.from_config_dict(config)
   old_workdir, new_workdir = os.path.abspath(old_workdir), os.path.abspath(new_workdir)
   steps = sorted(_legacy_steps(os.path.join(old_workdir, "checkpoints")))
@@ -533,7 +304,7 @@ def upgrade_legacy_run(old_workdir: str, new_workdir: str, config) -> list[int]:
   if not os.path.isfile(label_path):
     raise CheckpointError(f"{label_path} is missing: the run's label map names its classes")
   labels = labels_lib.load_label_map(label_path)
-  mesh = train_state_lib.make_mesh()
+  mesh = mesh_lib.make_mesh()
   abstract = train_state_lib.create_train_state(config, mesh, abstract=True).state
   os.makedirs(new_workdir, exist_ok=True)
   checkpoints = Checkpoints(new_workdir, keep=len(steps),
@@ -558,3 +329,4 @@ def upgrade_legacy_run(old_workdir: str, new_workdir: str, config) -> list[int]:
   with open(os.path.join(new_workdir, config_lib.RUN_CONFIG_FILE), "w") as f:
     json.dump(config.to_json(), f, indent=2)
   return steps
+

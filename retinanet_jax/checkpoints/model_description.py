@@ -26,8 +26,10 @@ import dataclasses
 import json
 from typing import Any, Optional
 
+from flax import nnx
+
 from retinanet_jax import anchors as anchor_lib
-from retinanet_jax import typed_config
+from retinanet_jax.runtime import typed_config
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.models import preprocessing
 from retinanet_jax.models import retinanet as retinanet_lib
@@ -150,8 +152,6 @@ class ModelDescription:
 
   def build_abstract_model(self, *, dtype: Optional[str] = None, kernel_gradient: str = "auto"):
     """The model as `nnx.eval_shape` builds it (no random initialization): load weights into it."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
     config = self.model if dtype is None else dataclasses.replace(self.model, dtype=dtype)
     return nnx.eval_shape(lambda: retinanet_lib.build_model(
         config, rngs=nnx.Rngs(0), kernel_gradient=kernel_gradient))

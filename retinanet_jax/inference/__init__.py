@@ -1,0 +1,1 @@
+"""Running a saved model on images: pictures of detections (`visualization`)."""
