@@ -5,7 +5,7 @@
     python scripts/train.py --config=configs/r50_fpn.py --config.train.batch_size=8  # leaf override
 
 The values are `retinanet_jax.config.Config`'s defaults, which are the paper's: every field is
-documented there with which reference implementation uses which value (README's table), and checked
+documented there with which reference implementation uses which value (docs/configs.md's table), and checked
 when the run starts. In short: frozen-BN ResNet-50 (stem + res2 frozen), FPN P3-P7 with P6 from C5,
 4-convolution heads, 9 anchors per location (torchvision's sizes), IoU 0.5 / 0.4 matching with ties,
 focal loss alpha 0.25 / gamma 2, smooth L1 (beta 0.1) on the box deltas, normalized by the positive

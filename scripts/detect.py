@@ -25,7 +25,7 @@ in a run either way.
 Nothing is ever overwritten: if one of the files to write already exists (an input image, or the output
 of an earlier run in the same --output), the command stops before running the model and names them.
 Library and backend INFO logging (Orbax, JAX's platform probe, TensorFlow) is off unless --verbose
-(retinanet_jax/runtime/console.py). Expected failures end with one paragraph and an exit code (README, "Exit
+(retinanet_jax/runtime/console.py). Expected failures end with one paragraph and an exit code (docs/failures.md, "Exit
 codes"): a file to write exists (6), a missing or damaged checkpoint (4).
 """
 

@@ -15,7 +15,7 @@ the canvas and map the boxes back (a model trained with `data.mode='fixed'`: str
 back per axis). --output must be new or empty: nothing is overwritten.
 --image_size: default 800,1344, or S,S for a 'fixed' model (the side it was trained at).
 --batch_size: 'dynamic' (StableHLO's default: any batch) or N (SavedModel and ONNX need N; default 1).
-ONNX needs jax2onnx and onnx (README "Deploy"); its NMS is ONNX's NonMaxSuppression op.
+ONNX needs jax2onnx and onnx (docs/deploy.md); its NMS is ONNX's NonMaxSuppression op.
 """
 
 from retinanet_jax.runtime import console  # (imports no JAX, no TensorFlow)

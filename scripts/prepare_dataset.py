@@ -30,7 +30,7 @@ names) stop the run after the report, with exit status 3 and no dataset written;
 images, bad boxes, unknown ids, ...) are left out and counted (`--strict`: fatal too). `--dry_run`
 validates and reports without writing a dataset. A dry or stopped run writes its report to --report
 (default ./prepare_report.json), never replacing a file that is not an earlier report (exit status
-6 if asked to). Exit statuses: README, "Exit codes" (retinanet_jax/runtime/errors.py). TFDS's log lines are
+6 if asked to). Exit statuses: docs/failures.md, "Exit codes" (retinanet_jax/runtime/errors.py). TFDS's log lines are
 shown with --verbose only; its progress bars become one updating line on a terminal.
 """
 

@@ -15,7 +15,7 @@ Killed runs: rerun the same command; it continues from the last complete checkpo
 
 The console shows this project's lines only; the libraries' log lines go to WORKDIR/log.txt
 (`--verbose`: on the console too; retinanet_jax/runtime/console.py). Expected failures end with one paragraph
-and an exit code (README, "Exit codes"; retinanet_jax/runtime/errors.py), unexpected ones with a traceback.
+and an exit code (docs/failures.md, "Exit codes"; retinanet_jax/runtime/errors.py), unexpected ones with a traceback.
 """
 
 import os

@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.run(main)  # expected failures: one paragraph and an exit code (README)
+  errors.run(main)  # expected failures: one paragraph and an exit code (docs/failures.md)

@@ -1,5 +1,5 @@
 """Every known error kind ends a script with one paragraph on stderr and its exit code
-(retinanet_jax/runtime/errors.py, README "Exit codes"); an unexpected one keeps its traceback. Runs
+(retinanet_jax/runtime/errors.py, docs/failures.md, "Exit codes"); an unexpected one keeps its traceback. Runs
 `errors.run` in-process with mains that raise what the library raises."""
 
 import subprocess

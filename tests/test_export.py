@@ -1,8 +1,8 @@
-"""retinanet_jax/deploy/export.py, export_onnx.py and scripts/export.py: each artifact, reloaded in a fresh
+"""retinanet_jax/deploy/ (export.py, onnx_format.py) and scripts/export.py: each artifact, reloaded in a fresh
 process that imports no retinanet_jax code (tests/helpers/run_exported.py), gives the in-process
 model's detections (`models.retinanet.detect`) on real photos (scikit-image's bundled images) within
 1e-3 px and 1e-5 in score (ONNX, whose NMS is onnxruntime's: the same detections as a set, module
-docstring of export_onnx.py); wrong dtype, rank or size of input is an error naming the expected
+docstring of deploy/onnx_format.py); wrong dtype, rank or size of input is an error naming the expected
 signature. A model whose description's geometry is 'fixed' gets an S x S canvas by default and
 side files that say to stretch and map back per axis."""
 

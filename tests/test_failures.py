@@ -1,7 +1,7 @@
 """Runs that fail well, as a user meets them: scripts/train.py on the tiny config (subprocesses, the
 compilation cache of the session shared) with a damaged checkpoint and with a learning rate far too
 high. Each ends with one clear paragraph or warning naming the step, the documented exit code
-(README, "Exit codes"), and no traceback. The other half (exit codes of every error kind, damaged
+(docs/failures.md, "Exit codes"), and no traceback. The other half (exit codes of every error kind, damaged
 input positions, the guard's arithmetic) is checked in-process: tests/test_errors.py,
 tests/test_checkpoints.py, tests/test_train_step.py."""
 

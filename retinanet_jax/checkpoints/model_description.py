@@ -1,7 +1,7 @@
 """What a checkpoint says about its model: enough to rebuild it and run it, with no training config.
 
 Every checkpoint carries one `ModelDescription`, training runs (each step's `description` item) and
-converted weights (`description.json`) alike (`checkpoints.py`):
+converted weights (`description.json`) alike (`checkpoints/storage.py`):
 
   kind              'retinanet' or 'backbone' (ImageNet weights: `model` then describes the backbone
                     fields only; anchors and label map are not meaningful).

@@ -142,7 +142,7 @@ class TrainConfig:
       to `workdir/damaged/` (never deleted), says so, and resumes from the newest checkpoint that
       restores (or from scratch if none does); 'stop' stops with one paragraph naming the step
       and the folder (exit code 4) and moves nothing.
-    on_divergence: the divergence guard (train_step.py), for a loss that explodes yet stays
+    on_divergence: the divergence guard (training/train_step.py), for a loss that explodes yet stays
       finite (the non-finite guard catches the rest): a step diverges when its loss exceeds
       `divergence_factor` x the median of the previous `divergence_window` losses, and the run has
       diverged after `divergence_patience` such steps in a row. 'warn' (default): a warning naming
@@ -270,7 +270,7 @@ class RuntimeConfig:
     donate_state: 'auto' donates the state to the train step except on the CPU (where donation
       makes XLA copy the whole state: -5 to -7%, docs/benchmarks.md), 'always', 'never'.
     grad_reduction: 'psum' (XLA's all-reduce) or 'ordered' (sums in device order on any layout:
-      the same bits on 1 host x 4 devices and 2 x 2; collectives.py).
+      the same bits on 1 host x 4 devices and 2 x 2; runtime/collectives.py).
     xla_flags_cpu: XLA flags for the CPU backend, applied by the scripts before JAX starts
       (retinanet_jax/runtime/xla_flags.py; a flag already in $XLA_FLAGS wins; '' adds none).
     compilation_cache_dir: JAX's persistent compilation cache; '{workdir}' stands for --workdir;

@@ -1,6 +1,6 @@
 """Export a detector with its pre- and post-processing inside: StableHLO (`jax.export`), a
 TensorFlow SavedModel (`jax2tf`) and ONNX (`jax2onnx` plus ONNX's NonMaxSuppression op,
-`export_onnx.py`).
+`deploy/onnx_format.py`).
 
 The exported function (the same in all formats):
 
@@ -33,7 +33,7 @@ SavedModel (TensorFlow 2.21 cannot run the symbolic-batch module, `export_saved_
   labels.json       `[{"class": k, "category_id": ..., "name": ...}]`
 
 Weights are constants of the StableHLO module, variables of the SavedModel and initializers of the
-ONNX model; each runs with no code of this project (README "Deploy").
+ONNX model; each runs with no code of this project (docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ results differ between onnxruntime and XLA (measured ~1e-7 in score), candidates
 by less than that can swap places in the output. The tests compare detections as matched sets.
 
 The batch size is fixed at export (default 1): jax2onnx's symbolic dimensions and a jaxpr traced
-beforehand do not share a scope. Requires `jax2onnx==0.17.1` (installed with `--no-deps`, README
+beforehand do not share a scope. Requires `jax2onnx==0.17.1` (installed with `--no-deps`, docs/deploy.md
 "Deploy") and `onnx`; running the artifact needs only `onnxruntime`.
 """
 
@@ -199,7 +199,7 @@ def check_available() -> None:
     import jax2onnx  # optional extra  # pylint: disable=import-outside-toplevel,unused-import
     import onnx  # optional extra  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
-    raise ImportError(f"ONNX export needs onnx and jax2onnx ({e}); install them as README 'Deploy' "
+    raise ImportError(f"ONNX export needs onnx and jax2onnx ({e}); install them as docs/deploy.md "
                       f"says: pip install onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.31.1 && "
                       f"pip install --no-deps jax2onnx==0.17.1") from e
 

@@ -198,7 +198,7 @@ def test_prepare_dataset_script_end_to_end(tmp_path):
   assert len(gt["images"]) == 1
 
   # Rebuilding the same name is refused; --strict turns the skip into a fatal problem (exit code 3:
-  # a data problem, README "Exit codes").
+  # a data problem, docs/failures.md, "Exit codes").
   again = run(command)
   assert again.returncode == 3 and "already exists" in again.stderr
   assert "Traceback" not in again.stderr

@@ -142,7 +142,7 @@ def test_cli_reports_every_file_and_problem_then_stops_with_status_3(tmp_path):
   result = _run(tmp_path, "--name", "everything", "--annotations", f"train={main}",
                 "--annotations", f"validation={tmp_path / 'validation.json'}",
                 "--annotations", f"extra={tmp_path / 'extra.json'}")
-  assert result.returncode == 3, result.stderr  # a data problem (README "Exit codes")
+  assert result.returncode == 3, result.stderr  # a data problem (docs/failures.md, "Exit codes")
   assert "Traceback" not in result.stderr + result.stdout
   assert "error: stopped by 8 fatal problems" in result.stderr
   report = json.loads((tmp_path / "prepare_report.json").read_text())  # the default path
