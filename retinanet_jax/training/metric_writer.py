@@ -9,8 +9,15 @@ import os
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.experimental import multihost_utils
+
+
+
+def _tensorflow():
+  """TensorFlow (for TensorBoard), imported when a run first writes: importing this module (every
+  `retinanet_jax.training` import) then costs no TensorFlow start-up."""
+  import tensorflow as tf  # heavy, see the docstring  # pylint: disable=import-outside-toplevel
+  return tf
 
 
 class Writer:
@@ -23,11 +30,12 @@ class Writer:
     self._log_path = os.path.join(workdir, "log.txt")
     self._metrics_path = os.path.join(workdir, "metrics.jsonl")
     if self.enabled:
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._writer = _tensorflow().summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
+    tf = _tensorflow()
     with self._writer.as_default():
       for name, value in values.items():
         tf.summary.scalar(name, float(value), step=step)

@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from retinanet_jax.checkpoints import model_description as description_lib
@@ -24,6 +23,14 @@ from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.runtime import mesh as mesh_lib
 from retinanet_jax.training import train_state as train_state_lib
 from retinanet_jax.training.train_state import TrainState
+
+
+def _gfile():
+  """`tf.io.gfile` (local paths and buckets alike), imported on first use: importing the training
+  package costs no TensorFlow start-up."""
+  import tensorflow as tf  # heavy, see the docstring  # pylint: disable=import-outside-toplevel
+  return tf.io.gfile
+
 
 ITEMS = ("model", "optimizer", "description")
 
@@ -102,9 +109,9 @@ class Checkpoints:
     overlapped whatever the main thread did next (in tests, TFDS's mocked file system, which is
     process-wide, made that listing fail at random).
     """
-    if jax.process_index() == 0 and tf.io.gfile.isdir(self.directory):
+    if jax.process_index() == 0 and _gfile().isdir(self.directory):
       for tmp in ocp.utils.tmp_checkpoints(self.directory):  # TemporaryPath objects (Orbax 0.12)
-        tf.io.gfile.rmtree(os.fspath(tmp.get()))
+        _gfile().rmtree(os.fspath(tmp.get()))
     multihost_utils.sync_global_devices("checkpoints_unfinished_saves_removed")
 
   def latest_step(self) -> Optional[int]:
@@ -231,14 +238,14 @@ class Checkpoints:
       source = os.path.join(folder, str(step))
       target = os.path.join(self.damaged_directory, f"{kind}_{step}")
       n = 1
-      while tf.io.gfile.exists(target):  # an earlier damaged copy of the same step stays too
+      while _gfile().exists(target):  # an earlier damaged copy of the same step stays too
         n += 1
         target = os.path.join(self.damaged_directory, f"{kind}_{step}-{n}")
-      if tf.io.gfile.exists(source):
+      if _gfile().exists(source):
         moved.append(target)
         if jax.process_index() == 0:
-          tf.io.gfile.makedirs(self.damaged_directory)
-          tf.io.gfile.rename(source, target)
+          _gfile().makedirs(self.damaged_directory)
+          _gfile().rename(source, target)
     multihost_utils.sync_global_devices(f"checkpoint_{step}_set_aside")
     self.manager.reload()
     return moved
@@ -250,15 +257,15 @@ class Checkpoints:
   def _remove_input_states(self, *, keep_below: Optional[int]) -> None:
     """Process 0 deletes the input positions of steps without a committed checkpoint (all of them,
     or only those below `keep_below`: a save of `keep_below` may still be in flight)."""
-    if jax.process_index() != 0 or not tf.io.gfile.isdir(self.input_directory):
+    if jax.process_index() != 0 or not _gfile().isdir(self.input_directory):
       return
     kept = set(ocp.utils.checkpoint_steps(self.directory))  # committed ones, from disk
-    for name in tf.io.gfile.listdir(self.input_directory):
+    for name in _gfile().listdir(self.input_directory):
       name = name.rstrip("/")
       step = int(name) if name.isdigit() else None
       if step in kept or (keep_below is not None and (step is None or step >= keep_below)):
         continue
-      tf.io.gfile.rmtree(os.path.join(self.input_directory, name))
+      _gfile().rmtree(os.path.join(self.input_directory, name))
 
   def close(self) -> None:
     self.wait()
