@@ -32,8 +32,9 @@ from retinanet_jax import data as data_lib
 from retinanet_jax import postprocess
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.metrics import coco
-from retinanet_jax.metrics import counting
 from retinanet_jax.metrics import miss_rate
+from retinanet_jax.metrics import results_file
+from retinanet_jax.metrics import scoring
 from retinanet_jax.models import preprocessing
 from retinanet_jax.runtime import console
 from retinanet_jax.runtime import mesh as mesh_lib
@@ -129,18 +130,13 @@ class Evaluator:
     result, detections = self.evaluate(params, rest)
     return result.metrics, detections
 
-  def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
-    """`(result, coco_detections)` over the whole evaluation split, once: a `coco.CocoResult` (the
-    summary at `max_dets`, AP per category) or, with metric 'miss_rate', a
-    `miss_rate.MissRateResult`. A `CocoResult`'s `metrics` also hold the counting metrics
-    `count_mae`, `count_rmse`, `count_threshold`, `count_threshold_chosen` (evaluation/counting.py).
-
-    Detections of every host are gathered to every host; padded examples are dropped. Raises if an
-    image of the ground truth was never evaluated or was evaluated twice.
-    """
-    detections, evaluated = [], []
+  def predict(self, params, rest) -> tuple[list[dict], list[int]]:
+    """`(coco_detections, image_ids)`: the model run once over the whole split, its detections as
+    COCO results (original pixels, dataset category ids) and the ids of the images it saw, in
+    order. Detections of every host are gathered to every host; padded examples are dropped."""
+    detections, seen = [], []
     batches = console.progress(self.eval_input, desc=f"Evaluating {self.num_images} images",
-                               total=len(self.eval_input))  # one line, on a terminal only
+                               total=len(self.eval_input))  # a line on a terminal, else periodic
     for batch in batches:
       det = self.step_fn(params, rest, batch)
       fields = {k: _to_host(getattr(det, k)) for k in ("boxes", "scores", "classes", "valid")}
@@ -150,7 +146,16 @@ class Evaluator:
           image_ids=meta["image_id"], boxes=fields["boxes"], scores=fields["scores"],
           classes=fields["classes"], valid=fields["valid"] & keep[:, None],
           category_ids=self.label_map.category_ids, scale=meta["scale"])
-      evaluated += [int(i) for i in meta["image_id"][keep]]
+      seen += [int(i) for i in meta["image_id"][keep]]
+    return detections, seen
+
+  def evaluate(self, params, rest) -> tuple[coco.CocoResult | miss_rate.MissRateResult, list[dict]]:
+    """`(result, coco_detections)` over the whole evaluation split, once (`predict`), scored by
+    `metrics.scoring.score`: a `coco.CocoResult` (the summary at `max_dets`, AP per category, and
+    the counting metrics `count_mae`, `count_rmse`, `count_threshold`, `count_threshold_chosen`)
+    or, with metric 'miss_rate', a `miss_rate.MissRateResult`. Raises if an image of the ground
+    truth was never evaluated or was evaluated twice."""
+    detections, evaluated = self.predict(params, rest)
     expected = sorted(int(im["id"]) for im in self.ground_truth["images"])
     if sorted(evaluated) != expected:
       missing = sorted(set(expected) - set(evaluated))
@@ -158,19 +163,48 @@ class Evaluator:
       twice = len(evaluated) - len(set(evaluated))
       raise RuntimeError(f"evaluation saw {len(evaluated)} images for {len(expected)} in the ground "
                          f"truth: missing {missing[:10]}, unknown {extra[:10]}, {twice} seen twice")
-    if self.metric == "miss_rate":
-      return miss_rate.evaluate_miss_rate(self.ground_truth, detections,
-                                          category=self.miss_rate_category), detections
-    result = coco.evaluate_detections(self.ground_truth, detections, max_dets=self.max_dets,
-                                      backend=self.backend)
-    result.metrics.update(counting.count_metrics(self.ground_truth, detections,
-                                                 threshold=self.count_threshold))
+    result = scoring.score(self.ground_truth, detections, metric=self.metric,
+                           max_dets=self.max_dets, backend=self.backend,
+                           miss_rate_category=self.miss_rate_category,
+                           count_threshold=self.count_threshold)
     return result, detections
 
 
 def replicate(tree, mesh):
   """`tree` placed on every device of `mesh` (the evaluator's parameter layout)."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def checkpoint_tag(loaded) -> str:
+  """`<step>` of a training checkpoint, `converted` for converted weights: the suffix of the files
+  an evaluation writes (`eval_<tag>.json`, `detections_<tag>.json`)."""
+  return "converted" if loaded.step is None else str(loaded.step)
+
+
+def output_files(output_dir: str, tag: str, *, name: str = "") -> dict[str, str]:
+  """The files an evaluation writes into `output_dir`: `eval_<tag>[_<name>].json` (metrics) and
+  `detections_<tag>[_<name>].json` (its COCO results)."""
+  suffix = f"{tag}_{name}" if name else tag
+  return {"metrics": os.path.join(output_dir, f"eval_{suffix}.json"),
+          "detections": os.path.join(output_dir, f"detections_{suffix}.json")}
+
+
+def refuse_existing(paths) -> None:
+  """Raises `FileExistsError` naming every path of `paths` that exists (nothing is overwritten)."""
+  clashes = [p for p in paths if os.path.lexists(p)]
+  if clashes:
+    raise FileExistsError(f"{len(clashes)} file(s) this evaluation would write exist already: "
+                          f"{', '.join(clashes)}; nothing was written. Give another --output "
+                          f"(evaluation never overwrites a file).")
+
+
+def _typed_config(path: str, config):
+  if config is None:
+    try:
+      config = config_lib.load_run_config(path)
+    except FileNotFoundError as e:
+      raise ValueError(f"{e}: give a config to choose the data to evaluate on") from None
+  return config_lib.Config.from_config_dict(config)
 
 
 def evaluate_saved_model(path: str, *, config=None, output_dir: str | None = None) -> dict[str, float]:
@@ -183,16 +217,16 @@ def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
   'miss_rate') of the model saved at `path` (`checkpoints.load_model`: a training run, one of its
   steps, or converted weights) on the eval split of `config.data` (a `config.Config` or
   `ConfigDict`); without `config`, the training run's own `config.json` chooses the data and the
-  evaluation settings. Writes `eval_<step|converted>.json` into `output_dir` when given."""
-  if config is None:
-    try:
-      config = config_lib.load_run_config(path)
-    except FileNotFoundError as e:
-      raise ValueError(f"{e}: give a config to choose the data to evaluate on") from None
-  config = config_lib.Config.from_config_dict(config)
+  evaluation settings. With `output_dir`, writes `eval_<step|converted>.json` (the metrics) and
+  `detections_<step|converted>.json` (the COCO results they score; `scripts/evaluate.py
+  --detections=FILE` scores such a file again) there; a file that exists already stops the
+  evaluation before the model runs (`FileExistsError`)."""
+  config = _typed_config(path, config)
+  loaded = checkpoints.load_model(path)
+  files = output_files(output_dir, checkpoint_tag(loaded)) if output_dir else {}
+  refuse_existing(files.values())
   if config.data.name == "synthetic":
     data_lib.ensure_synthetic_dataset(config.data)
-  loaded = checkpoints.load_model(path)
   mesh = mesh_lib.make_mesh()
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
@@ -200,8 +234,47 @@ def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
                                           replicate(loaded.rest, mesh))
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
-    tag = "converted" if loaded.step is None else str(loaded.step)
-    coco.write_metrics(os.path.join(output_dir, f"eval_{tag}.json"), result.metrics,
-                       checkpoint=os.path.abspath(path), num_detections=len(detections),
+    results_file.write_results(files["detections"], detections)
+    coco.write_metrics(files["metrics"], result.metrics, checkpoint=os.path.abspath(path),
+                       num_detections=len(detections), detections_file=files["detections"],
                        **result.to_json())
   return result
+
+
+def predict_saved(path: str, *, config=None, output_dir: str, testset: str,
+                  algorithm: str = "retinanet_jax", log=print) -> str:
+  """Runs the model saved at `path` over the eval split of `config.data` (no metrics: the split
+  may have no annotations, e.g. COCO's test2017) and writes the COCO results file the evaluation
+  server expects, `output_dir/detections_<testset>_<algorithm>_results.json`
+  (`results_file.submission_name`); returns its path.
+
+  The images are those of the split's ground truth: for COCO test-dev, the TFDS split 'test'
+  (test2017) with `data.eval_annotations` = `image_info_test-dev2017.json`, whose 20,288 images are
+  kept; detections of the split's other images are left out, and their count is logged with
+  `log`. The file exists already: `FileExistsError` before the model runs."""
+  config = _typed_config(path, config)
+  out = os.path.join(output_dir, results_file.submission_name(testset, algorithm))
+  refuse_existing([out])
+  loaded = checkpoints.load_model(path)
+  if config.data.name == "synthetic":
+    data_lib.ensure_synthetic_dataset(config.data)
+  mesh = mesh_lib.make_mesh()
+  evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
+                                 description=loaded.description, mesh=mesh)
+  detections, seen = evaluator.predict(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
+  wanted = {int(im["id"]) for im in evaluator.ground_truth["images"]}
+  missing = wanted - set(seen)
+  if missing:
+    raise RuntimeError(f"{len(missing)} images of the ground truth / image info are not in the "
+                       f"split {config.data.eval_split!r} (e.g. {sorted(missing)[:10]}): choose the "
+                       f"split that holds them (--config.data.eval_split)")
+  others = sorted(set(seen) - wanted)
+  if others:
+    log(f"{len(others)} images of the split {config.data.eval_split!r} are not in the image info "
+        f"(e.g. {others[:5]}); their detections are left out of the results file")
+  detections = [d for d in detections if d["image_id"] in wanted]
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    results_file.write_results(out, detections)
+  log(f"Wrote {len(detections)} detections of {len(wanted)} images to {out}")
+  return out

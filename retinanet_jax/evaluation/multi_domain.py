@@ -48,6 +48,7 @@ from retinanet_jax import data as data_lib
 from retinanet_jax.data import coco_format
 from retinanet_jax.evaluation import evaluator as evaluator_lib
 from retinanet_jax.metrics import coco
+from retinanet_jax.metrics import results_file
 from retinanet_jax.runtime import mesh as mesh_lib
 
 IMAGES_DIR = "val2017"
@@ -159,10 +160,12 @@ class DomainResult:
   source: str
   num_images: int
   result: coco.CocoResult
+  detections_file: str | None = None
 
   def to_json(self) -> dict:
     return {"name": self.name, "source": self.source, "num_images": self.num_images,
-            "metrics": self.result.metrics, **self.result.to_json()}
+            "metrics": self.result.metrics, "detections_file": self.detections_file,
+            **self.result.to_json()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +241,7 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
     data_dir: where the domains' TFDS copies are cached (None: `config.data.data_dir`, else TFDS's
       default).
     output_dir: writes `multi_domain_<step|converted>.json` there (the `to_json()` of the result,
+      with each dataset's COCO results in `detections_<step|converted>_<dataset>.json`,
       plus the checkpoint) when given.
   """
   if not domains:
@@ -258,16 +262,26 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
   rest = evaluator_lib.replicate(loaded.rest, mesh)
   step_fn = None
 
-  def run(name: str, source: str, data_config) -> DomainResult:
+  tag = evaluator_lib.checkpoint_tag(loaded)
+
+  def detections_path(name: str) -> str | None:
+    slug = re.sub(r"[^a-zA-Z0-9]+", "_", name).strip("_").lower() or "dataset"
+    return evaluator_lib.output_files(output_dir, tag, name=slug)["detections"] if output_dir else None
+
+  def run(name: str, source: str, data_config, *, file_name: str) -> DomainResult:
     nonlocal step_fn
     evaluator = evaluator_lib.Evaluator.for_data(
         data_config, eval_config=config.eval, graphdef=loaded.graphdef,
         description=loaded.description, mesh=mesh, step_fn=step_fn)
     step_fn = evaluator.step_fn  # one geometry: compiled once, shared by every domain
-    result, _ = evaluator.evaluate(params, rest)
+    result, detections = evaluator.evaluate(params, rest)
     logging.info("%s: AP %.4f on %d images", name, result.metrics[next(iter(result.metrics))],
                  evaluator.num_images)
-    return DomainResult(name, source, evaluator.num_images, result)
+    path = detections_path(file_name)
+    if path and jax.process_index() == 0:
+      os.makedirs(output_dir, exist_ok=True)
+      results_file.write_results(path, detections)
+    return DomainResult(name, source, evaluator.num_images, result, path)
 
   def folder_config(domain: Domain):
     return dataclasses.replace(config.data, name=cached_dataset(domain, data_dir=cache),
@@ -276,20 +290,27 @@ def evaluate_saved_on_domains(path: str, domains: Sequence[Domain], *, config=No
   names = [d.name for d in domains]
   shown = [n if names.count(n) == 1 else os.path.join(os.path.basename(os.path.dirname(d.root)), n)
            for n, d in zip(names, domains)]  # two folders of one name: their parents tell them apart
-  results = [run(n, d.root, folder_config(d)) for n, d in zip(shown, domains)]
+  reference_domain = domain_from_folder(reference) if reference not in (None, "", "config") else None
+  reference_name = (config.data.name if reference == "config"
+                    else reference_domain.name if reference_domain else None)
+  out = os.path.join(output_dir, f"multi_domain_{tag}.json") if output_dir else None
+  if output_dir:  # every file to write, checked before anything runs
+    evaluator_lib.refuse_existing(
+        [out] + [detections_path(n) for n in shown]
+        + ([detections_path(f"reference_{reference_name}")] if reference_name else []))
+  results = [run(n, d.root, folder_config(d), file_name=n) for n, d in zip(shown, domains)]
   ref = None
   if reference == "config":
     if config.data.name == "synthetic":
       data_lib.ensure_synthetic_dataset(config.data)
-    ref = run(config.data.name, f"{config.data.name} {config.data.eval_split}", config.data)
-  elif reference:
-    domain = domain_from_folder(reference)
-    ref = run(domain.name, domain.root, folder_config(domain))
+    ref = run(config.data.name, f"{config.data.name} {config.data.eval_split}", config.data,
+              file_name=f"reference_{reference_name}")
+  elif reference_domain:
+    ref = run(reference_domain.name, reference_domain.root, folder_config(reference_domain),
+              file_name=f"reference_{reference_name}")
   result = summarize_domains(results, ref)
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
-    tag = "converted" if loaded.step is None else str(loaded.step)
-    out = os.path.join(output_dir, f"multi_domain_{tag}.json")
-    with open(out, "w") as f:
+    with open(out, "x") as f:
       json.dump({"checkpoint": os.path.abspath(path), **result.to_json()}, f, indent=2)
   return result

@@ -213,17 +213,59 @@ def _count(n: int, total: Optional[int], unit: str) -> str:
   return f"{n}/{total} {unit}" if total else f"{n} {unit}"
 
 
+def format_duration(seconds: float) -> str:
+  """`42 s`, `3 min 05 s`, `2 h 07 min`."""
+  seconds = max(int(round(seconds)), 0)
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _status(desc: str, n: int, total: Optional[int], unit: str, elapsed: float) -> str:
+  """`desc: n/total unit (p%), r unit/s, ETA t`: the rate and ETA once an item is done."""
+  text = f"{desc}: {_count(n, total, unit)}"
+  if total:
+    text += f" ({100 * n // total}%)"
+  if n and elapsed > 0:
+    rate = n / elapsed
+    text += f", {rate:.2f} {unit}/s" if rate < 10 else f", {rate:.0f} {unit}/s"
+    if total and n < total:
+      text += f", ETA {format_duration((total - n) / rate)}"
+  return text
+
+
 def progress(iterable: Iterable, *, desc: str, total: Optional[int] = None,
-             unit: str = "batches") -> Iterator:
-  """Yields `iterable`'s items while one progress line says `desc: n/total unit` (on a terminal)."""
-  line = ProgressLine()
-  n = 0
+             unit: str = "batches", every_seconds: float = 30.0, stream=None,
+             clock=time.monotonic) -> Iterator:
+  """Yields `iterable`'s items while reporting progress as `desc: n/total unit (p%), rate, ETA`.
+
+  On a terminal: one line, rewritten in place (`ProgressLine`). Anywhere else (a pipe, a log
+  file): a plain line every `every_seconds` (none for work that ends sooner), also appended to the
+  log file set by `setup`, and a last line at the end if any was written. `stream`: stderr by
+  default; `clock`: for tests."""
+  stream = stream or sys.stderr
+  line = ProgressLine(stream)
+  n, began = 0, clock()
+  last_written, wrote = began, False
   try:
-    line.show(f"{desc}: {_count(n, total, unit)}", force=True)
+    line.show(_status(desc, n, total, unit, 0.0), force=True)
     for item in iterable:
       yield item
       n += 1
-      line.show(f"{desc}: {_count(n, total, unit)}")
+      now = clock()
+      text = _status(desc, n, total, unit, now - began)
+      if line.enabled:
+        line.show(text)
+      elif now - last_written >= every_seconds:
+        print(text, file=stream, flush=True)
+        to_log_file(text)
+        last_written, wrote = now, True
+    if wrote:
+      text = f"{_status(desc, n, total, unit, clock() - began)} in {format_duration(clock() - began)}"
+      print(text, file=stream, flush=True)
+      to_log_file(text)
   finally:
     line.done()
 

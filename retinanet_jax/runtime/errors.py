@@ -10,7 +10,8 @@ environment problem nobody foresaw: its traceback is kept (exit code 1, Python's
     1     unexpected  any other exception (with its traceback)
     2     usage       bad flags or arguments, invalid config values (`typed_config.ConfigError`)
     3     data        dataset missing or malformed (`FileNotFoundError`, `coco_format.CocoFormatError`,
-                      TFDS's "could not find data", scripts/prepare_dataset.py's fatal problems)
+                      TFDS's "could not find data", scripts/prepare_dataset.py's fatal problems,
+                      `results_file.ResultsFileError`: a results file that cannot be scored)
     4     checkpoint  checkpoint missing, damaged, or of another model (`checkpoints.CheckpointError`)
     5     training    training stopped by a guard: a non-finite loss, or divergence with
                       `train.on_divergence='stop'` (`TrainingStopped`)
