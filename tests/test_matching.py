@@ -257,8 +257,8 @@ def test_auto_block_size_bounds_memory():
   assert matching.resolve_block_size(5, num_gt=100) == 5
   with pytest.raises(ValueError, match="block_size"):
     matching.resolve_block_size(-1, num_gt=10)
-  # XLA's buffer assignment for 76,725 anchors x 2,000 boxes: a few [16, A] blocks, far below the
-  # 614 MB [M, A] matrix (and below the 49 MiB of the former 54-slot blocks).
+  # XLA's buffer assignment for 76,725 anchors x 2,000 boxes: a few [16, A] blocks (4.9 MB each),
+  # far below the 614 MB [M, A] matrix.
   anchors = anchor_lib.generate_anchors((640, 640)).boxes
   gt = jax.ShapeDtypeStruct((2000, 4), jnp.float32)
   mask = jax.ShapeDtypeStruct((2000,), jnp.bool_)
