@@ -22,18 +22,19 @@ crowd-ignored anchors).
 Padded slots (mask False) never match anything. Everything is static-shaped.
 
 Memory and speed: the `[M, A]` IoU matrix is never built whole. A `lax.scan` over blocks of
-`block_size` ground-truth slots computes one `[block_size, A]` IoU block per step (IoU as torchvision's
-`box_iou`: no +1, the same float32 values (tests/test_matching.py); 0 for an empty union) and folds it into running values per anchor (best
-IoU, its slot, best crowd IoU, tie flag) and per box (best IoU over all anchors, best anchor). Blocks of
-at most `UNROLLED_BLOCK_SLOTS` slots fold their rows one at a time in slot order (elementwise float
-ops, which XLA fuses into one loop per running value); larger blocks fold through max/argmax
-reductions over the block (XLA's column reductions: slower on the CPU). Strict '>' from row to row
-and block to block, and the first index within a reduction, keep the lowest slot on ties, as
-`torch.max`: every block size gives the same assignments, ties included, and one block of all M slots
-is the dense form. `block_size=0` (auto) splits the M slots into `M // AUTO_BLOCK_SLOTS` blocks of
-equal size (16 to 31 slots; one block when M < 32), the block size that was fastest on the CPU at
-76,725 and 201,600 anchors (docs/benchmarks.md): its memory is a few `[block, A]` blocks whatever M
-(at 76,725 anchors and 2,000 boxes, 16-slot blocks of 5 MB rather than a 614 MB matrix per image).
+`block_size` ground-truth slots computes one `[block_size, A]` IoU block per step (IoU as
+torchvision's `box_iou`: no +1, the same float32 values (tests/test_matching.py); 0 for an empty
+union) and folds it into running values per anchor (best IoU, its slot, best crowd IoU, tie flag)
+and per box (best IoU over all anchors, best anchor). Blocks of at most `UNROLLED_BLOCK_SLOTS` slots
+fold their rows one at a time in slot order (elementwise float ops, which XLA fuses into one loop
+per running value); larger blocks fold through max/argmax reductions over the block (XLA's column
+reductions: slower on the CPU). Strict '>' from row to row and block to block, and the first index
+within a reduction, keep the lowest slot on ties, as `torch.max`: every block size gives the same
+assignments, ties included, and one block of all M slots is the dense form. `block_size=0` (auto)
+splits the M slots into `M // AUTO_BLOCK_SLOTS` blocks of equal size (16 to 31 slots; one block when
+M < 32), the block size that was fastest on the CPU at 76,725 and 201,600 anchors
+(docs/benchmarks.md): its memory is a few `[block, A]` blocks whatever M (at 76,725 anchors and
+2,000 boxes, 16-slot blocks of 5 MB rather than a 614 MB matrix per image).
 """
 
 from __future__ import annotations
@@ -175,12 +176,12 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
 
   # A lax.scan over the blocks of slots, each step a vectorized [block, A] IoU block: the running
   # best box per anchor (strict '>' in slot order: the lowest slot on ties, as torch.max), and per
-  # box its best anchor. A block holds every anchor, so each box's best IoU over all anchors is known
-  # in its own step, and 'ties' tests the block's IoUs for equality with it there: one pass, and the
-  # equality is exact (the maximum is one of the very values it is compared with). Small blocks
-  # fold their rows into the running values one row at a time (unrolled: elementwise ops that XLA
-  # fuses into one loop per carry); large ones through max/argmax reductions over the block (XLA's
-  # column reductions: slower, same result).
+  # box its best anchor. A block holds every anchor, so each box's best IoU over all anchors is
+  # known in its own step, and 'ties' tests the block's IoUs for equality with it there: one pass,
+  # and the equality is exact (the maximum is one of the very values it is compared with). Small
+  # blocks fold their rows into the running values one row at a time (unrolled: elementwise ops
+  # that XLA fuses into one loop per carry); large ones through max/argmax reductions over the
+  # block (XLA's column reductions: slower, same result).
   def step(carry, i):
     best_iou, best_gt, crowd_iou, best_anchor, tied = carry
     start = i * block

@@ -229,7 +229,8 @@ def test_box_with_nan_coordinates_overlaps_nothing():
   mask = np.ones(3, bool)
   for block in (1, 3):
     got = _cached_jit_match("ties", block)(anchors, gt, mask)
-    _assert_same_match(got, _cached_jit_match("ties", block)(anchors, zeroed, mask), f"block {block}")
+    expected = _cached_jit_match("ties", block)(anchors, zeroed, mask)
+    _assert_same_match(got, expected, f"block {block}")
 
 
 def test_blocked_equals_dense_and_torchvision_at_3000_boxes():
