@@ -1,7 +1,8 @@
 """The dense suite: what thousands of boxes per image cost (issue 12), against torchvision.
 
-  * matching 76,725 anchors (640x640) to M = 100, 500 and 2,000 boxes of one image: ours (blocked
-    IoU, `runtime.matching_block_size` auto) against torchvision's `box_iou` + `Matcher` (allow low
+  * matching one image to M boxes: 76,725 anchors (640x640) with M = 100, 300, 500 and 2,000, and
+    201,600 anchors (the 800x1344 canvas of 800/1333) with M = 100 and 300: ours (blocked IoU,
+    `runtime.matching_block_size` auto) against torchvision's `box_iou` + `Matcher` (allow low
     quality matches), time and peak memory. Peak memory: the growth of this process's peak resident
     set while one call runs (Linux `/proc/self/status` VmHWM, reset through `/proc/self/clear_refs`
     before each call), the same measure for both; ours also gives XLA's own buffer assignment (temp
@@ -57,14 +58,18 @@ def bench_dense_matching(session: Session) -> list[Row]:
   from retinanet_jax import anchors as anchor_lib
   from retinanet_jax import matching
 
-  size, counts = (128, (10, 50)) if quick else (640, (100, 500, 2000))
-  anchors = anchor_lib.generate_anchors((size, size)).boxes
-  anchors_t = torch.from_numpy(np.array(anchors))
+  if quick:
+    cases = [((128, 128), 10), ((128, 128), 50)]
+  else:
+    cases = [((640, 640), m) for m in (100, 300, 500, 2000)] + [((800, 1344), m) for m in (100, 300)]
   matcher = tv_det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
   rng = np.random.default_rng(5)
   rows = []
-  for m in counts:
-    gt = _boxes(rng, m, size, 8, size / 8)
+  for (height, width), m in cases:
+    anchors = anchor_lib.generate_anchors((height, width)).boxes
+    anchors_t = torch.from_numpy(np.array(anchors))
+    gt = _boxes(rng, m, height, 8, height / 8)
+    gt[:, 0::2] *= width / height  # spread over the canvas's width too (square canvases: unchanged)
     mask = np.ones(m, bool)
     gt_t = torch.from_numpy(gt)
     ours_fn = jax.jit(matching.match_anchors)
@@ -76,9 +81,10 @@ def bench_dense_matching(session: Session) -> list[Row]:
     ours(), peer()
     ours_rss, peer_rss = _peak_rss_growth(ours), _peak_rss_growth(peer)
     ours_t, peer_t = side_by_side(ours, peer, repeats, warmup=False)
-    block_size = matching.resolve_block_size(0, num_anchors=anchors.shape[0], num_gt=m)
+    block_size = matching.resolve_block_size(0, num_gt=m)
     rows.append(Row(
-        "dense", f"matching 1 image x {anchors.shape[0]} anchors x {m} boxes", ours_t, peer_t, 0.0,
+        "dense", f"matching 1 image x {anchors.shape[0]} anchors ({height}x{width}) x {m} boxes",
+        ours_t, peer_t, 0.0,
         f"peak RSS growth ours {ours_rss / 2**20:.0f} MiB vs {peer_rss / 2**20:.0f} MiB; XLA temp "
         f"{ours_temp / 2**20:.0f} MiB (blocks of {block_size}), dense form {dense_temp / 2**20:.0f} MiB"))
   return rows

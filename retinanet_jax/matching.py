@@ -21,15 +21,20 @@ crowd-ignored anchors).
 
 Padded slots (mask False) never match anything. Everything is static-shaped.
 
-Memory: the `[M, A]` IoU matrix is computed in blocks of `block_size` ground-truth slots (a
-`lax.scan` over the blocks, each a vectorized `[block_size, A]` IoU block folded into running maxima
-and first-index argmaxes per anchor and per box; IoU as torchvision's `box_iou`: no +1, 0 for an empty
-union). One block of all M slots is the dense form; any block size gives the same assignments, ties
-included (blocks are visited in slot order, strict '>' across blocks and first-index argmax within
-one keep the lowest slot, as `torch.max`). `block_size=0` (auto) takes the dense form when the matrix
-has at most `AUTO_BLOCK_ELEMENTS` entries per image, else blocks of `AUTO_BLOCK_ELEMENTS // A` slots:
-matching 76,725 anchors to 2,000 boxes then works on 54-slot blocks of 16 MiB (49 MiB of XLA buffers
-in all), not a 614 MB matrix per image (docs/benchmarks.md has the memory and time).
+Memory and speed: the `[M, A]` IoU matrix is never built whole. A `lax.scan` over blocks of
+`block_size` ground-truth slots computes one `[block_size, A]` IoU block per step (IoU as
+torchvision's `box_iou`: no +1, the same float32 values (tests/test_matching.py); 0 for an empty
+union) and folds it into running values per anchor (best IoU, its slot, best crowd IoU, tie flag)
+and per box (best IoU over all anchors, best anchor). Blocks of at most `UNROLLED_BLOCK_SLOTS` slots
+fold their rows one at a time in slot order (elementwise float ops, which XLA fuses into one loop
+per running value); larger blocks fold through max/argmax reductions over the block (XLA's column
+reductions: slower on the CPU). Strict '>' from row to row and block to block, and the first index
+within a reduction, keep the lowest slot on ties, as `torch.max`: every block size gives the same
+assignments, ties included, and one block of all M slots is the dense form. `block_size=0` (auto)
+splits the M slots into `M // AUTO_BLOCK_SLOTS` blocks of equal size (16 to 31 slots; one block when
+M < 32), the block size that was fastest on the CPU at 76,725 and 201,600 anchors
+(docs/benchmarks.md): its memory is a few `[block, A]` blocks whatever M (at 76,725 anchors and
+2,000 boxes, 16-slot blocks of 5 MB rather than a 614 MB matrix per image).
 """
 
 from __future__ import annotations
@@ -45,21 +50,29 @@ NEGATIVE = 0
 IGNORE = -1
 
 LOW_QUALITY_MODES = ("ties", "force", "none")
-# block_size=0: the largest IoU block (entries per image) computed at once; 2**22 float32 = 16 MiB.
-AUTO_BLOCK_ELEMENTS = 2**22
+# block_size=0 (auto): M // AUTO_BLOCK_SLOTS blocks of equal size (resolve_block_size).
+AUTO_BLOCK_SLOTS = 16
+# Blocks of at most this many slots fold their rows one at a time (unrolled); larger blocks reduce.
+UNROLLED_BLOCK_SLOTS = 32
 
 
-def resolve_block_size(block_size: int, *, num_anchors: int, num_gt: int) -> int:
+def _nan_boxes_to_zero(boxes):
+  """`boxes [N, 4]` with every box that has a NaN coordinate replaced by [0, 0, 0, 0], whose IoU
+  with any box is 0, in every block form (as an IoU guarded by `where(union > 0, ..., 0)` gives,
+  NaN > 0 being False; `iou_with` guards the union only, which would let a NaN through)."""
+  return jnp.where(jnp.any(jnp.isnan(boxes), axis=-1, keepdims=True), 0.0, boxes)
+
+
+def resolve_block_size(block_size: int, *, num_gt: int) -> int:
   """The ground-truth slots per IoU block that `match_anchors` uses (module docstring): `block_size`
-  itself (at most `num_gt`), or for 0 the dense form when `num_gt x num_anchors <=
-  AUTO_BLOCK_ELEMENTS`, else `AUTO_BLOCK_ELEMENTS // num_anchors` slots (at least 1)."""
+  itself (at most `num_gt`), or for 0 (auto) `num_gt // AUTO_BLOCK_SLOTS` blocks (at least one) of
+  equal size: `AUTO_BLOCK_SLOTS` to `2 * AUTO_BLOCK_SLOTS - 1` slots, or all `num_gt` when fewer."""
   if int(block_size) != block_size or block_size < 0:
     raise ValueError(f"block_size must be an integer >= 0 (0: auto), got {block_size}")
   num_gt = max(int(num_gt), 1)
   if block_size == 0:
-    if num_gt * num_anchors <= AUTO_BLOCK_ELEMENTS:
-      return num_gt
-    return max(1, AUTO_BLOCK_ELEMENTS // max(num_anchors, 1))
+    blocks = max(1, num_gt // AUTO_BLOCK_SLOTS)
+    return -(-num_gt // blocks)
   return min(int(block_size), num_gt)
 
 
@@ -98,8 +111,8 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     positive_threshold: IoU at or above which an anchor is POSITIVE (0.5).
     negative_threshold: IoU below which an anchor is NEGATIVE (0.4); must be <= positive_threshold.
     low_quality: 'ties', 'force' or 'none' (module docstring).
-    block_size: ground-truth slots per IoU block (module docstring): 0 chooses (dense up to
-      `AUTO_BLOCK_ELEMENTS` IoU entries), M is the dense form; the result does not depend on it.
+    block_size: ground-truth slots per IoU block (module docstring): 0 chooses (blocks of 16 to 31
+      slots), M is the dense form; the result does not depend on it, only memory and speed do.
 
   Returns:
     `MatchResult` with `[A]` arrays. Use `jax.vmap(functools.partial(match_anchors, ...),
@@ -124,20 +137,20 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     zeros = jnp.zeros((num_anchors,), jnp.int32)
     return MatchResult(gt_index=zeros, state=zeros + NEGATIVE, max_iou=jnp.zeros((num_anchors,)))
 
-  block = resolve_block_size(block_size, num_anchors=num_anchors, num_gt=num_gt)
+  block = resolve_block_size(block_size, num_gt=num_gt)
   num_blocks = -(-num_gt // block)
   padded = num_blocks * block  # slots past num_gt: invalid padding
   gt_mask = gt_mask.astype(bool)
   crowd = jnp.zeros((num_gt,), bool) if gt_is_crowd is None else gt_is_crowd.astype(bool)
   matchable = gt_mask & ~crowd
   crowd_slots = gt_mask & crowd
-  gt_boxes = gt_boxes.astype(jnp.float32)
+  gt_boxes = _nan_boxes_to_zero(gt_boxes.astype(jnp.float32))
   if padded > num_gt:
     extra = padded - num_gt
     gt_boxes = jnp.concatenate([gt_boxes, jnp.zeros((extra, 4), jnp.float32)])
     matchable = jnp.concatenate([matchable, jnp.zeros((extra,), bool)])
     crowd_slots = jnp.concatenate([crowd_slots, jnp.zeros((extra,), bool)])
-  anchors = anchors.astype(jnp.float32)
+  anchors = _nan_boxes_to_zero(anchors.astype(jnp.float32))
   ax1, ay1, ax2, ay2 = (anchors[None, :, i] for i in range(4))
   anchor_area = (ax2 - ax1) * (ay2 - ay1)
 
@@ -147,40 +160,67 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
     ih = jnp.maximum(jnp.minimum(ay2, by2) - jnp.maximum(ay1, by1), 0.0)
     inter = iw * ih
     union = anchor_area + (bx2 - bx1) * (by2 - by1) - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    # 0 where the union is empty: inter is 0 there, so the guard needs no select after the
+    # division. XLA then keeps the whole IoU in the fusion of the division; a select after it would
+    # be recomputed, with the union, in every fusion that reads the block.
+    return inter / jnp.where(union > 0, union, 1.0)
+
+  # Slot masks as float offsets, added to a slot's IoUs: -3 takes an invalid slot's "quality" below
+  # the running best's start (-1), so it never wins; +3 takes a box's best IoU above any IoU, so it
+  # promotes nothing. x + 0 == x exactly, and XLA vectorizes a float chain where a boolean select
+  # per row did not (measured: see docs/benchmarks.md).
+  match_offset = jnp.where(matchable, 0.0, -3.0)
+  crowd_offset = jnp.where(crowd_slots, 0.0, -3.0)
+  tie_offset = jnp.where(matchable, 0.0, 3.0)
+  unrolled = block <= UNROLLED_BLOCK_SLOTS
 
   # A lax.scan over the blocks of slots, each step a vectorized [block, A] IoU block: the running
-  # best box per anchor (first-index argmax within a block, strict '>' across blocks: the lowest
-  # slot on ties, as torch.max), and per box its best anchor. Invalid slots score -1, below any real
-  # IoU. A block holds every anchor, so each box's best IoU over all anchors is known in its own
-  # step, and 'ties' tests the block's IoUs for equality with it there: one pass, and the equality
-  # is exact (the maximum is one of the very values it is compared with).
+  # best box per anchor (strict '>' in slot order: the lowest slot on ties, as torch.max), and per
+  # box its best anchor. A block holds every anchor, so each box's best IoU over all anchors is
+  # known in its own step, and 'ties' tests the block's IoUs for equality with it there: one pass,
+  # and the equality is exact (the maximum is one of the very values it is compared with). Small
+  # blocks fold their rows into the running values one row at a time (unrolled: elementwise ops
+  # that XLA fuses into one loop per carry); large ones through max/argmax reductions over the
+  # block (XLA's column reductions: slower, same result).
   def step(carry, i):
     best_iou, best_gt, crowd_iou, best_anchor, tied = carry
     start = i * block
     boxes = jax.lax.dynamic_slice_in_dim(gt_boxes, start, block)
-    ok = jax.lax.dynamic_slice_in_dim(matchable, start, block)
+    offset, crowd_off, tie_off = (jax.lax.dynamic_slice_in_dim(x, start, block)
+                                  for x in (match_offset, crowd_offset, tie_offset))
     iou = iou_with(boxes)
-    quality = jnp.where(ok[:, None], iou, -1.0)
-    block_best = jnp.max(quality, axis=0)
-    block_arg = jnp.argmax(quality, axis=0).astype(jnp.int32) + start
-    better = block_best > best_iou
-    is_crowd = jax.lax.dynamic_slice_in_dim(crowd_slots, start, block)
-    crowd_iou = jnp.maximum(crowd_iou, jnp.max(jnp.where(is_crowd[:, None], iou, -1.0), axis=0))
     if low_quality == "ties":
-      box_best = jnp.max(quality, axis=1, keepdims=True)  # [block, 1], over all anchors
-      tied = tied | jnp.any(ok[:, None] & (quality == box_best), axis=0)
-    elif low_quality == "force":
+      box_best = jnp.max(iou, axis=1) + tie_off  # [block], over all anchors
+    if unrolled:
+      for row in range(block):
+        quality = iou[row] + offset[row]
+        better = quality > best_iou
+        best_iou = jnp.where(better, quality, best_iou)
+        best_gt = jnp.where(better, start + row, best_gt)
+        if gt_is_crowd is not None:
+          crowd_iou = jnp.maximum(crowd_iou, iou[row] + crowd_off[row])
+        if low_quality == "ties":
+          tied = tied | (iou[row] == box_best[row]).astype(jnp.int32)
+    else:
+      quality = iou + offset[:, None]
+      block_best = jnp.max(quality, axis=0)
+      better = block_best > best_iou
+      best_iou = jnp.where(better, block_best, best_iou)
+      best_gt = jnp.where(better, jnp.argmax(quality, axis=0).astype(jnp.int32) + start, best_gt)
+      if gt_is_crowd is not None:
+        crowd_iou = jnp.maximum(crowd_iou, jnp.max(iou + crowd_off[:, None], axis=0))
+      if low_quality == "ties":
+        tied = tied | jnp.any(iou == box_best[:, None], axis=0).astype(jnp.int32)
+    if low_quality == "force":  # the first anchor of highest IoU (invalid slots: dropped below)
       best_anchor = jax.lax.dynamic_update_slice_in_dim(
-          best_anchor, jnp.argmax(quality, axis=1).astype(jnp.int32), start, 0)
-    return (jnp.where(better, block_best, best_iou), jnp.where(better, block_arg, best_gt),
-            crowd_iou, best_anchor, tied), None
+          best_anchor, jnp.argmax(iou, axis=1).astype(jnp.int32), start, 0)
+    return (best_iou, best_gt, crowd_iou, best_anchor, tied), None
 
   # Carries built "like" an IoU row, so that they have its type under shard_map (varying axes).
   template = jnp.zeros_like(iou_with(gt_boxes[:1])[0])
   per_gt = jnp.zeros_like(gt_boxes[:, 0])
   init = (template - 1.0, template.astype(jnp.int32), template - 1.0, per_gt.astype(jnp.int32),
-          template.astype(bool))
+          template.astype(jnp.int32))
   (best_iou, gt_index, crowd_iou, best_anchor, tied), _ = jax.lax.scan(
       step, init, jnp.arange(num_blocks, dtype=jnp.int32))
   has_gt = jnp.any(matchable)
@@ -188,7 +228,7 @@ def match_anchors(anchors, gt_boxes, gt_mask, *, gt_is_crowd=None, positive_thre
   state = jnp.where(best_iou >= positive_threshold, POSITIVE,
                     jnp.where(best_iou < negative_threshold, NEGATIVE, IGNORE))
   if low_quality == "ties":
-    state = jnp.where(tied, POSITIVE, state)
+    state = jnp.where(tied > 0, POSITIVE, state)
   elif low_quality == "force":
     target = jnp.where(matchable, best_anchor, num_anchors)  # out of range: dropped
     gt_index = gt_index.at[target].set(jnp.arange(padded, dtype=jnp.int32), mode="drop")

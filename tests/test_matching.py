@@ -179,28 +179,58 @@ def _blocked_vs_dense(anchors, gt, mask, crowd, block_sizes, modes=matching.LOW_
 def test_blocked_equals_dense_random_ties_and_padding():
   rng = np.random.default_rng(11)
   anchors = anchor_lib.generate_anchors((64, 64)).boxes  # 774 anchors
-  num_slots = 23  # blocks of 1, 5 (a partial last block) and 23 (dense)
+  # 40 slots: blocks of 7 (a partial last block) and 20 (auto) fold their rows one by one; the dense
+  # form (one block of 40 > UNROLLED_BLOCK_SLOTS) reduces over the block: both folds meet. (Blocks
+  # of 1: test_box_with_nan_coordinates_overlaps_nothing.)
+  num_slots = 40
+  assert matching.resolve_block_size(0, num_gt=num_slots) == 20
+  assert num_slots > matching.UNROLLED_BLOCK_SLOTS >= 20
   xy = rng.uniform(0, 56, (num_slots, 2))
   gt = np.concatenate([xy, xy + rng.uniform(3, 40, (num_slots, 2))], 1).astype(np.float32)
   gt[3:9] = np.round(gt[3:9])  # integer coordinates: exact IoU ties among anchors
   gt[9] = gt[4]  # two slots with one box: ties across slots (and across blocks)
+  gt[30] = gt[5]
   gt[10] = anchors[100]  # IoU exactly 1
   gt[11] = anchors[101]
   mask = rng.uniform(size=num_slots) < 0.8
-  mask[[4, 9, 10]] = True
+  mask[[4, 5, 9, 10, 30]] = True
+  # Padded slots hold garbage, NaN and infinities included: ignored whatever they hold.
+  mask[[14, 15, 16, 33]] = False
+  gt[14] = np.nan
+  gt[15] = [np.inf, -np.inf, np.inf, np.nan]
+  gt[16] = [-np.inf, -np.inf, np.inf, np.inf]
+  gt[33, 2] = np.nan
   crowd = np.zeros(num_slots, bool)
-  crowd[[2, 12]] = True
-  dense = _blocked_vs_dense(anchors, gt, mask, crowd, (1, 5))
+  crowd[[2, 12, 25]] = True
+  dense = _blocked_vs_dense(anchors, gt, mask, crowd, (7, 0))
   assert (np.asarray(dense.state) == matching.POSITIVE).sum() > 10  # a real test, not all negative
-  # The dense form is torchvision's Matcher (no crowd boxes there).
+  assert (np.asarray(dense.state) == matching.IGNORE).sum() > 10
+  # Both folds are torchvision's Matcher (no crowd boxes there), max IoUs bit for bit included.
   slots = np.nonzero(mask)[0]
-  r = jit_match(block_size=5)(anchors, gt, mask)
-  ours = np.asarray(r.to_torchvision())
-  ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)
-  np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt[mask]))
+  tv_iou = torchvision.ops.box_iou(torch.from_numpy(gt[mask]), torch.from_numpy(np.array(anchors)))
+  for block in (7, num_slots):
+    r = _cached_jit_match("ties", block)(anchors, gt, mask)
+    ours = np.asarray(r.to_torchvision())
+    ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)
+    np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt[mask]))
+    np.testing.assert_array_equal(np.asarray(r.max_iou), tv_iou.max(dim=0).values.numpy())
   # All padding: all negative in every form.
   none = _blocked_vs_dense(anchors, gt, np.zeros(num_slots, bool), crowd, (7,), modes=("ties",))
   assert (np.asarray(none.state) == matching.NEGATIVE).all()
+
+
+def test_box_with_nan_coordinates_overlaps_nothing():
+  # A real box with a NaN coordinate has IoU 0 with every anchor (as [0, 0, 0, 0] has), in every
+  # block form: the old guard's result (NaN > 0 is False), now made explicit before the IoU.
+  anchors = anchor_lib.generate_anchors((64, 64)).boxes
+  gt = np.array([[5, 5, 40, 40], [np.nan, 10, 30, 30], [20, 20, 60, 50]], np.float32)
+  zeroed = gt.copy()
+  zeroed[1] = 0.0
+  mask = np.ones(3, bool)
+  for block in (1, 3):
+    got = _cached_jit_match("ties", block)(anchors, gt, mask)
+    expected = _cached_jit_match("ties", block)(anchors, zeroed, mask)
+    _assert_same_match(got, expected, f"block {block}")
 
 
 def test_blocked_equals_dense_and_torchvision_at_3000_boxes():
@@ -211,22 +241,27 @@ def test_blocked_equals_dense_and_torchvision_at_3000_boxes():
   gt = np.concatenate([xy, xy + rng.uniform(2, 24, (num_slots, 2))], 1).astype(np.float32)
   gt[::3] = np.round(gt[::3])
   mask = rng.uniform(size=num_slots) < 0.9
-  _blocked_vs_dense(anchors, gt, mask, None, (64,), modes=("ties", "force"))
+  # Auto: 177 blocks of 17 slots folded row by row; 64: reductions over partial and full blocks.
+  _blocked_vs_dense(anchors, gt, mask, None, (0, 64), modes=("ties",))
+  _blocked_vs_dense(anchors, gt, mask, None, (0,), modes=("force",))
   slots = np.nonzero(mask)[0]
-  ours = np.asarray(jit_match(block_size=64)(anchors, gt, mask).to_torchvision())
+  ours = np.asarray(_cached_jit_match("ties", 0)(anchors, gt, mask).to_torchvision())
   ours = np.where(ours >= 0, np.searchsorted(slots, ours), ours)
   np.testing.assert_array_equal(ours, torchvision_matches(anchors, gt[mask]))
 
 
 def test_auto_block_size_bounds_memory():
-  assert matching.resolve_block_size(0, num_anchors=6921, num_gt=400) == 400  # dense
-  assert matching.resolve_block_size(0, num_anchors=76725, num_gt=2000) == 54
-  assert matching.resolve_block_size(16, num_anchors=76725, num_gt=8) == 8
+  # Auto: num_gt // 16 blocks of equal size (16 to 31 slots), one block below 32 slots.
+  for num_gt, block in ((1, 1), (10, 10), (31, 31), (32, 16), (100, 17), (300, 17), (2000, 16)):
+    assert matching.resolve_block_size(0, num_gt=num_gt) == block, num_gt
+  assert matching.resolve_block_size(16, num_gt=8) == 8
+  assert matching.resolve_block_size(5, num_gt=100) == 5
   with pytest.raises(ValueError, match="block_size"):
-    matching.resolve_block_size(-1, num_anchors=10, num_gt=10)
-  # XLA's buffer assignment for 76,725 anchors x 2,000 boxes: far below the 614 MB dense matrix.
+    matching.resolve_block_size(-1, num_gt=10)
+  # XLA's buffer assignment for 76,725 anchors x 2,000 boxes: a few [16, A] blocks (4.9 MB each),
+  # far below the 614 MB [M, A] matrix.
   anchors = anchor_lib.generate_anchors((640, 640)).boxes
   gt = jax.ShapeDtypeStruct((2000, 4), jnp.float32)
   mask = jax.ShapeDtypeStruct((2000,), jnp.bool_)
   compiled = jit_match().lower(anchors, gt, mask).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes < 100 * 2**20
+  assert compiled.memory_analysis().temp_size_in_bytes < 32 * 2**20

@@ -276,9 +276,10 @@ class RuntimeConfig:
     compilation_cache_dir: JAX's persistent compilation cache; '{workdir}' stands for --workdir;
       '' turns it off; $JAX_COMPILATION_CACHE_DIR, if set, wins.
     matching_block_size: ground-truth slots per block of the anchor-box IoU in matching
-      (matching.py): 0 (auto) computes the whole [M, A] matrix when it has at most 2**22 entries
-      per image and blocks of 2**22 // A slots otherwise; M is always dense. The targets are
-      identical for every value; only memory and speed change.
+      (matching.py): 0 (auto) splits the M slots into M // 16 blocks of equal size (16 to 31
+      slots; one block when M < 32), the fastest on the CPU, with the memory of a few [block, A]
+      IoU blocks whatever M; M is the dense form (the whole [M, A] matrix at once). The targets
+      are identical for every value; only memory and speed change.
   """
 
   conv_kernel_gradient: str = _choice("auto", convolution.KERNEL_GRADIENTS)
