@@ -24,7 +24,7 @@ A COCO test-dev submission (--mode=predict: no metrics; the split needs no annot
     python scripts/evaluate.py --checkpoint=weights/tv_v2 --config=configs/r50_fpn.py --mode=predict \
         --config.data.eval_split=test --config.data.eval_annotations=image_info_test-dev2017.json \
         --output=submission/
-writes `submission/detections_test-dev2017_retinanet_jax_results.json` (--testset, --algorithm).
+writes `submission/detections_test-dev2017_retinanet-jax_results.json` (--testset, --algorithm).
 
 Metrics of an existing results file, no model (ground truth: --annotations, else the eval split of
 --config or of --checkpoint's training run; metric and settings from the config's eval section):
@@ -59,7 +59,7 @@ flags.DEFINE_enum("mode", "evaluate", ["evaluate", "predict"], "evaluate: metric
                   "named for the COCO evaluation server (needs --output).")
 flags.DEFINE_string("testset", None, "--mode=predict: the results file's test set name (default: "
                     "from data.eval_annotations' image_info_<testset>.json, else the split's name).")
-flags.DEFINE_string("algorithm", "retinanet_jax", "--mode=predict: the results file's algorithm "
+flags.DEFINE_string("algorithm", "retinanet-jax", "--mode=predict: the results file's algorithm "
                     "name (detections_<testset>_<algorithm>_results.json).")
 flags.DEFINE_string("detections", None, "Score this COCO results file instead of running a model.")
 flags.DEFINE_string("annotations", None, "With --detections: the COCO-format ground truth (default: "
@@ -169,6 +169,11 @@ def main(argv):
     if not FLAGS.output or FLAGS.datasets or FLAGS.coco_o_root:
       raise app.UsageError("--mode=predict writes one results file: it needs --output and takes no "
                            "--datasets/--coco_o_root")
+    from retinanet_jax.metrics import results_file  # pylint: disable=import-outside-toplevel
+    try:
+      results_file.submission_name(FLAGS.testset or default_testset(), FLAGS.algorithm)
+    except ValueError as e:
+      raise app.UsageError(f"--testset / --algorithm: {e}") from None
     ours = sys.stdout  # our lines to the console; TFDS's (inside) to the log
     with console.library_stdout():
       evaluator.predict_saved(FLAGS.checkpoint, config=FLAGS.config, output_dir=FLAGS.output,

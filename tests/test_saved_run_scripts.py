@@ -63,7 +63,8 @@ def _coco_ap(ground_truth: dict, detections: list) -> dict:
     gt = COCO()
     gt.dataset = ground_truth
     gt.createIndex()
-    evaluation = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+    evaluation = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), iouType="bbox")  # a copy:
+    # loadRes adds keys to the dicts it is given
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
@@ -110,7 +111,7 @@ def test_evaluate_writes_its_detections_and_scores_a_results_file_alone(tmp_path
                   f"--config={runs.CONFIG}", f"--config.data.data_dir={runs.session_dirs(tmp_path_factory)[0]}",
                   f"--config.data.eval_annotations={out / 'image_info_tiny-dev.json'}"],
                  tmp_path_factory, cwd=str(out))
-  with open(out / "sub" / "detections_tiny-dev_retinanet_jax_results.json") as f:
+  with open(out / "sub" / "detections_tiny-dev_retinanet-jax_results.json") as f:
     submitted = json.load(f)
   assert {d["image_id"] for d in submitted} <= set(kept)
   assert submitted == [d for d in detections if d["image_id"] in kept]

@@ -30,6 +30,7 @@ from retinanet_jax import checkpoints
 from retinanet_jax import config as config_lib
 from retinanet_jax import data as data_lib
 from retinanet_jax import postprocess
+from retinanet_jax.data import coco_format
 from retinanet_jax.data import labels as labels_lib
 from retinanet_jax.metrics import coco
 from retinanet_jax.metrics import miss_rate
@@ -242,16 +243,17 @@ def evaluate_saved(path: str, *, config=None, output_dir: str | None = None):
 
 
 def predict_saved(path: str, *, config=None, output_dir: str, testset: str,
-                  algorithm: str = "retinanet_jax", log=print) -> str:
+                  algorithm: str = "retinanet-jax", log=print) -> str:
   """Runs the model saved at `path` over the eval split of `config.data` (no metrics: the split
   may have no annotations, e.g. COCO's test2017) and writes the COCO results file the evaluation
   server expects, `output_dir/detections_<testset>_<algorithm>_results.json`
   (`results_file.submission_name`); returns its path.
 
-  The images are those of the split's ground truth: for COCO test-dev, the TFDS split 'test'
-  (test2017) with `data.eval_annotations` = `image_info_test-dev2017.json`, whose 20,288 images are
-  kept; detections of the split's other images are left out, and their count is logged with
-  `log`. The file exists already: `FileExistsError` before the model runs."""
+  The images are those of `data.eval_annotations` when set (any COCO-format file: an image-info
+  file has images and categories only), else of the split's ground truth: for COCO test-dev, the
+  TFDS split 'test' (test2017) with `data.eval_annotations` = `image_info_test-dev2017.json`, whose
+  20,288 images are kept; detections of the split's other images are left out, and their count is
+  logged with `log`. The file exists already: `FileExistsError` before the model runs."""
   config = _typed_config(path, config)
   out = os.path.join(output_dir, results_file.submission_name(testset, algorithm))
   refuse_existing([out])
@@ -262,7 +264,9 @@ def predict_saved(path: str, *, config=None, output_dir: str, testset: str,
   evaluator = Evaluator.for_data(config.data, eval_config=config.eval, graphdef=loaded.graphdef,
                                  description=loaded.description, mesh=mesh)
   detections, seen = evaluator.predict(replicate(loaded.params, mesh), replicate(loaded.rest, mesh))
-  wanted = {int(im["id"]) for im in evaluator.ground_truth["images"]}
+  image_info = (coco_format.load_annotations(config.data.eval_annotations)
+                if config.data.eval_annotations else evaluator.ground_truth)
+  wanted = {int(im["id"]) for im in image_info.get("images", [])}
   missing = wanted - set(seen)
   if missing:
     raise RuntimeError(f"{len(missing)} images of the ground truth / image info are not in the "
